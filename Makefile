@@ -1,0 +1,30 @@
+# Every target creates .venv and installs the project into it when missing,
+# so each command below works on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on embedded defaults.
+demo: $(STAMP)
+	$(PY) -m models.params --preset base
+	$(PY) benchmarks/mixer_profile.py --quick
+
+# Everything, slow end-to-end tests included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache
