@@ -1,0 +1,116 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding ``state.pt`` (model,
+optimizer, scheduler, sampler position, RNG states, step, config) and ``meta.json``. It is written
+under a temporary name and renamed into place, so a crash never leaves a half-written checkpoint
+that a resume would pick up; ``latest`` always names a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_PREFIX = "step-"
+
+
+def rng_state() -> dict[str, Any]:
+    """Capture every RNG a training step draws from (python, numpy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def save_checkpoint(
+    checkpoint_root: Path, step: int, state: dict[str, Any], *, keep: int = 2, meta: dict | None = None
+) -> Path:
+    """Write ``state`` as ``<checkpoint_root>/step-<step>`` atomically; keep the newest ``keep``.
+
+    Returns:
+        The folder of the new checkpoint.
+    """
+    root = Path(checkpoint_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(
+            json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True, default=str)
+        )
+        if final.exists():  # a rerun of the same step: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(root / "latest.json", {"step": step, "path": final.name})
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """Complete checkpoints under ``checkpoint_root``, oldest first."""
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The newest complete checkpoint folder, or ``None``."""
+    found = list_checkpoints(checkpoint_root)
+    return found[-1] if found else None
+
+
+def load_state(checkpoint_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``state.pt`` from a checkpoint folder."""
+    path = Path(checkpoint_dir) / "state.pt"
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}: pass a folder written by save_checkpoint") from None
