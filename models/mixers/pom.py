@@ -73,11 +73,14 @@ def masked_time_mean(h: torch.Tensor, valid: torch.Tensor, pad_mean: str = "mask
     Returns:
         ``(b, 1, c)`` the time-averaged state.
     """
+    # Sum and divide in at least float32: in fp16, summing thousands of frames before dividing by
+    # the count overflows (65504) even when the mean itself is small.
+    acc = torch.promote_types(h.dtype, torch.float32)
     if pad_mean == "all":
-        return h.mean(dim=1, keepdim=True)
+        return (h.sum(dim=1, keepdim=True, dtype=acc) / h.shape[1]).to(h.dtype)
     weights = valid.to(h.dtype).unsqueeze(-1)  # (b, t, 1)
-    count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (b, 1, 1); empty sequences -> 0 state
-    return (h * weights).sum(dim=1, keepdim=True) / count
+    count = valid.sum(dim=1).clamp_min(1).to(acc)[:, None, None]  # (b, 1, 1); empty utterance -> 0 state
+    return ((h * weights).sum(dim=1, keepdim=True, dtype=acc) / count).to(h.dtype)
 
 
 class _PoMBase(TokenMixer):
