@@ -108,7 +108,8 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _where() -> str:
+def describe_endpoint() -> str:
+    """Where S3 requests go, for messages."""
     url = endpoint_url()
     return f"endpoint {url} (AWS_ENDPOINT_URL)" if url else "AWS S3 (AWS_ENDPOINT_URL is not set)"
 
@@ -163,13 +164,13 @@ def s3_error(exc: Exception, uri: str, action: str) -> CorpusError:
         )
     if isinstance(exc, bx.SSLError):
         return CorpusError(
-            f"TLS error reaching {_where()} for bucket '{bucket}': {exc}: check AWS_ENDPOINT_URL "
-            "(http:// vs https://) and AWS_CA_BUNDLE"
+            f"TLS error reaching {describe_endpoint()} for bucket '{bucket}': {exc}: check "
+            "AWS_ENDPOINT_URL (http:// vs https://) and AWS_CA_BUNDLE"
         )
     if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError)):
         return CorpusError(
-            f"cannot reach {_where()} to {action} {uri} (bucket '{bucket}'): {type(exc).__name__}: "
-            "check AWS_ENDPOINT_URL and that the S3 server is running and reachable"
+            f"cannot reach {describe_endpoint()} to {action} {uri} (bucket '{bucket}'): "
+            f"{type(exc).__name__}: check AWS_ENDPOINT_URL and that the S3 server is running and reachable"
         )
     if isinstance(exc, bx.ClientError):
         error = exc.response.get("Error", {})
@@ -177,20 +178,24 @@ def s3_error(exc: Exception, uri: str, action: str) -> CorpusError:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code == "NoSuchBucket" or (code == "404" and action == "open bucket"):
             return S3NotFoundError(
-                f"S3 bucket '{bucket}' does not exist at {_where()}: check the URI {uri} and "
+                f"S3 bucket '{bucket}' does not exist at {describe_endpoint()}: check the URI {uri} and "
                 "AWS_ENDPOINT_URL, or create the bucket"
             )
         if code in _AUTH_CODES or status == 403:
             return CorpusError(
-                f"S3 refused to {action} {uri} (bucket '{bucket}', {code}) at {_where()}: check "
-                f"{CREDENTIAL_VARS} and the bucket's permissions"
+                f"S3 refused to {action} {uri} (bucket '{bucket}', {code}) at {describe_endpoint()}: "
+                f"check {CREDENTIAL_VARS} and the bucket's permissions"
             )
         if code in {"NoSuchKey", "404"} or status == 404:
-            return S3NotFoundError(f"S3 object {uri} does not exist ({code}) at {_where()}")
+            return S3NotFoundError(f"S3 object {uri} does not exist ({code}) at {describe_endpoint()}")
         message = " ".join(str(error.get("Message", "")).split())
-        return CorpusError(f"S3 error {code} while trying to {action} {uri} at {_where()}: {message}")
+        return CorpusError(
+            f"S3 error {code} while trying to {action} {uri} at {describe_endpoint()}: {message}"
+        )
     if isinstance(exc, bx.BotoCoreError):
-        return CorpusError(f"S3 client error while trying to {action} {uri} at {_where()}: {exc}")
+        return CorpusError(
+            f"S3 client error while trying to {action} {uri} at {describe_endpoint()}: {exc}"
+        )
     return CorpusError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
 
 
@@ -305,8 +310,11 @@ def fetch(
             return path
     else:
         versions = _cached_versions(cache_dir, bucket, key)
-        if versions:
-            return max(versions, key=lambda p: p.stat().st_mtime_ns)
+        try:
+            if versions:
+                return max(versions, key=lambda p: p.stat().st_mtime_ns)
+        except FileNotFoundError:  # pruned by a concurrent download of a newer version
+            pass
     return _download(uri, bucket, key, cache_dir)
 
 
@@ -405,10 +413,12 @@ def upload_directory(
         raise CorpusError(f"cannot upload {root}: it is not a folder; pass the corpus root folder")
     bucket, prefix = split_s3_uri(uri)
     prefix = prefix.strip("/")
-    ensure_bucket(bucket, create=create_bucket)
     key_prefix = f"{prefix}/" if prefix else ""
-    existing = {o.key: o for o in list_objects(bucket, key_prefix)}
     files = sorted(p for p in root.rglob("*") if p.is_file())
+    if not files:
+        raise CorpusError(f"nothing to upload: {root} holds no files; pass the corpus root folder")
+    ensure_bucket(bucket, create=create_bucket)
+    existing = {o.key: o for o in list_objects(bucket, key_prefix)}
     todo: list[tuple[Path, str]] = []
     unchanged = 0
     for path in files:
