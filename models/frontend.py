@@ -1,0 +1,313 @@
+"""Log-mel features, global mean/variance normalisation, conv subsampling and sinusoidal positions.
+
+Dimensions: b batch, s samples, t fbank frames, t' encoder frames (t / 4), n mels, c channels,
+d model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torchaudio
+from torch import nn
+
+
+def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``(b,)`` lengths -> ``(b, max_len)`` bool mask, ``True`` at padded frames."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] >= lengths[:, None]
+
+
+def _check_lengths(name: str, lengths: torch.Tensor, batch: int) -> None:
+    # Shape and dtype only: checking values would synchronise the GPU every step.
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {lengths.dtype}")
+
+
+class FilterbankFeatures(nn.Module):
+    """80-dim log-mel filterbank, batched, with lengths (no parameters, nothing in the state dict).
+
+    Power spectrogram of a Hann window, ``window = n_fft`` samples, HTK mel filters over
+    ``[0, sample_rate / 2]``, then ``log(mel + floor)``. Frames are taken without centre padding
+    (``t = 1 + (s - window) // hop``), so every real frame lies inside its utterance and a padded
+    batch gives each utterance exactly the frames it gets alone. Always computed in float32.
+
+    Args:
+        sample_rate: Hz.
+        n_mels: ``n``.
+        win_length: window (and FFT) length in samples (400 = 25 ms at 16 kHz).
+        hop_length: hop in samples (160 = 10 ms at 16 kHz).
+        log_floor: added to the mel energies before the log.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 16000,
+        n_mels: int = 80,
+        win_length: int = 400,
+        hop_length: int = 160,
+        log_floor: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if hop_length < 1 or win_length < hop_length:
+            raise ValueError(f"need 1 <= hop_length <= win_length, got hop_length={hop_length}, win_length={win_length}")
+        self.sample_rate = sample_rate
+        self.n_mels = n_mels
+        self.win_length = win_length
+        self.hop_length = hop_length
+        self.log_floor = log_floor
+        # Deterministic functions of the arguments: kept out of the state dict.
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+        with torch.device("cpu"):  # torchaudio inspects values: not possible on the meta device
+            fbank = torchaudio.functional.melscale_fbanks(
+                n_freqs=win_length // 2 + 1,
+                f_min=0.0,
+                f_max=sample_rate / 2,
+                n_mels=n_mels,
+                sample_rate=sample_rate,
+                norm=None,
+                mel_scale="htk",
+            )  # (win/2 + 1, n)
+        self.register_buffer("mel_fbank", fbank.to(torch.get_default_device()), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"sample_rate={self.sample_rate}, n_mels={self.n_mels}, win_length={self.win_length}, hop_length={self.hop_length}"
+
+    def output_lengths(self, wave_lengths: torch.Tensor) -> torch.Tensor:
+        """Frames of a ``wave_lengths``-sample waveform: ``1 + (s - window) // hop`` (0 if shorter)."""
+        frames = torch.div(wave_lengths - self.win_length, self.hop_length, rounding_mode="floor") + 1
+        return frames.clamp_min(0)
+
+    def forward(self, wave: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute features.
+
+        Args:
+            wave: ``(b, s)`` waveforms, zero-padded on the right.
+            wave_lengths: ``(b,)`` number of real samples of each waveform.
+
+        Returns:
+            features: ``(b, t, n)`` log-mel features, zero at padded frames.
+            lengths: ``(b,)`` number of real frames.
+        """
+        if wave.dim() != 2:
+            raise ValueError(f"wave must have shape (batch, samples), got {tuple(wave.shape)}")
+        _check_lengths("wave_lengths", wave_lengths, wave.shape[0])
+        if wave.shape[1] < self.win_length:
+            raise ValueError(
+                f"waveforms must have at least {self.win_length} samples (one analysis window), "
+                f"got {wave.shape[1]}"
+            )
+        lengths = self.output_lengths(wave_lengths)
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = torch.stft(
+                wave.float(),
+                n_fft=self.win_length,
+                hop_length=self.hop_length,
+                win_length=self.win_length,
+                window=self.window.float(),
+                center=False,
+                return_complex=True,
+            )  # (b, win/2 + 1, t)
+            power = spec.real.square() + spec.imag.square()
+            mel = torch.matmul(power.transpose(1, 2), self.mel_fbank.float())  # (b, t, n)
+            features = torch.log(mel + self.log_floor)
+        pad = lengths_to_padding_mask(lengths, features.shape[1])
+        return features.masked_fill(pad.unsqueeze(-1), 0.0), lengths
+
+
+class GlobalNormalizer(nn.Module):
+    """Global per-channel mean/variance normalisation with its statistics in the state dict.
+
+    ``mean``, ``std`` (both ``(n,)``) and ``count`` (frames the statistics were estimated on) are
+    buffers, so they are saved with pre-training checkpoints and reused in fine-tuning. Before any
+    estimate the normaliser is the identity (``mean = 0``, ``std = 1``, ``count = 0``).
+
+    Estimating: :meth:`estimate` on an iterable of ``(features, lengths)`` batches; in distributed
+    training, sum :meth:`statistics` over batches and workers (all-reduce) and pass the totals to
+    :meth:`set_statistics`. Padding is always excluded.
+
+    Args:
+        num_channels: ``n``.
+        std_floor: lower bound of ``std`` (constant channels, e.g. digital silence).
+    """
+
+    def __init__(self, num_channels: int, *, std_floor: float = 1e-5) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.std_floor = std_floor
+        self.register_buffer("mean", torch.zeros(num_channels))
+        self.register_buffer("std", torch.ones(num_channels))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, count={int(self.count)}"
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether statistics have been estimated."""
+        return bool(self.count > 0)
+
+    @staticmethod
+    def statistics(features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summable float64 counters of real frames: ``(sum (n,), sum of squares (n,), count ())``."""
+        real = ~lengths_to_padding_mask(lengths, features.shape[1])  # (b, t)
+        x = features.detach().double()[real]  # (frames, n)
+        return x.sum(0), x.square().sum(0), torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+
+    @torch.no_grad()
+    def set_statistics(self, total: torch.Tensor, total_sq: torch.Tensor, count: torch.Tensor | float) -> None:
+        """Set ``mean``/``std`` from summed counters (see :meth:`statistics`)."""
+        count = float(count)
+        if count <= 0:
+            raise ValueError("cannot set normalisation statistics from zero frames")
+        mean = total.double() / count
+        var = (total_sq.double() / count - mean.square()).clamp_min(0.0)
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp_min(self.std_floor))
+        self.count.fill_(int(count))
+
+    def estimate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> GlobalNormalizer:
+        """Estimate the statistics from ``(features (b, t, n), lengths (b,))`` batches; returns self."""
+        total = total_sq = count = None
+        for features, lengths in batches:
+            s, sq, c = self.statistics(features, lengths)
+            total, total_sq, count = (s, sq, c) if total is None else (total + s, total_sq + sq, count + c)
+        if total is None:
+            raise ValueError("GlobalNormalizer.estimate got no batches")
+        self.set_statistics(total, total_sq, count)
+        return self
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Normalise.
+
+        Args:
+            features: ``(b, t, n)``.
+            lengths: ``(b,)`` real frames.
+
+        Returns:
+            ``(b, t, n)`` float32, ``(x - mean) / std`` at real frames and 0 at padded frames.
+        """
+        if features.dim() != 3 or features.shape[-1] != self.num_channels:
+            raise ValueError(f"features must have shape (batch, time, {self.num_channels}), got {tuple(features.shape)}")
+        x = (features.float() - self.mean.float()) / self.std.float()
+        pad = lengths_to_padding_mask(lengths, features.shape[1])
+        return x.masked_fill(pad.unsqueeze(-1), 0.0)
+
+
+class _ConvBlock(nn.Module):
+    """Conv2d 3x3 stride 2 -> LayerNorm over channels -> LeakyReLU -> Dropout, on ``(b, c, t, n)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout_p: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_channels)
+        self.activation = nn.LeakyReLU()
+        self.dropout = nn.Dropout(dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).permute(0, 2, 3, 1)  # (b, t, n, c): LayerNorm normalises channels
+        x = self.dropout(self.activation(self.norm(x)))
+        return x.permute(0, 3, 1, 2)  # (b, c, t, n)
+
+
+class ConvSubsampling(nn.Module):
+    """Convolutional front-end: ``len(channels)`` stride-2 conv blocks, flatten, Linear -> d.
+
+    Each block halves time and frequency (``ceil``): 4x time subsampling (40 ms frames) with the
+    default two blocks. Frames beyond each utterance's length are zeroed between blocks, so the
+    real frames never see padding (padding invariance).
+
+    Args:
+        in_features: ``n`` input channels (mels).
+        channels: output channels of each conv block, e.g. ``(128, 32)``.
+        model_dim: ``d``.
+        dropout_p: dropout after each block.
+    """
+
+    def __init__(self, in_features: int, channels: Sequence[int], model_dim: int, dropout_p: float) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("channels must name at least one conv block")
+        self.in_features = in_features
+        self.channels = tuple(channels)
+        ins = (1,) + self.channels[:-1]
+        self.blocks = nn.ModuleList(_ConvBlock(i, o, dropout_p) for i, o in zip(ins, self.channels))
+        freq = in_features
+        for _ in self.channels:
+            freq = (freq + 1) // 2
+        self.out_features = self.channels[-1] * freq
+        self.proj = nn.Linear(self.out_features, model_dim)
+
+    @property
+    def subsampling_factor(self) -> int:
+        """Input frames per output frame."""
+        return 2 ** len(self.blocks)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``ceil(t / 2)`` once per block."""
+        for _ in self.blocks:
+            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+        return lengths
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subsample.
+
+        Args:
+            features: ``(b, t, n)``.
+            lengths: ``(b,)`` real frames.
+
+        Returns:
+            x: ``(b, t', d)``, zero at padded frames.
+            lengths: ``(b,)`` real encoder frames, ``ceil(t / 2)`` per block.
+        """
+        if features.dim() != 3 or features.shape[-1] != self.in_features:
+            raise ValueError(f"features must have shape (batch, time, {self.in_features}), got {tuple(features.shape)}")
+        pad = lengths_to_padding_mask(lengths, features.shape[1])
+        x = features.masked_fill(pad.unsqueeze(-1), 0.0).unsqueeze(1)  # (b, 1, t, n)
+        for block in self.blocks:
+            x = block(x)  # (b, c, t/2, n/2)
+            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
+            pad = lengths_to_padding_mask(lengths, x.shape[2])
+            x = x.masked_fill(pad[:, None, :, None], 0.0)
+        x = x.transpose(1, 2).flatten(2)  # (b, t', c * n'): channel-major flatten
+        x = self.proj(x).masked_fill(pad.unsqueeze(-1), 0.0)  # (b, t', d)
+        return x, lengths
+
+
+def sinusoidal_positions(length: int, dim: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(length, dim)`` table: ``pe[p, 2i] = sin(p / 10000^(2i/dim))``, ``pe[p, 2i+1] = cos(...)``."""
+    positions = torch.arange(length, device=device, dtype=torch.float64)[:, None]  # (t, 1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    angles = positions * inv_freq  # (t, ceil(dim/2))
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :dim]  # interleaved
+    return table.to(dtype)
+
+
+class SinusoidalPositions(nn.Module):
+    """Adds absolute sinusoidal positions (Vaswani et al. 2017) to ``(b, t, d)`` inputs."""
+
+    def __init__(self, model_dim: int) -> None:
+        super().__init__()
+        self.model_dim = model_dim
+
+    def extra_repr(self) -> str:
+        return f"model_dim={self.model_dim}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, t, d) -> (b, t, d)``: ``x + pe[:t]``."""
+        return x + sinusoidal_positions(x.shape[1], self.model_dim, device=x.device, dtype=x.dtype)
+
+
+__all__ = [
+    "ConvSubsampling",
+    "FilterbankFeatures",
+    "GlobalNormalizer",
+    "SinusoidalPositions",
+    "lengths_to_padding_mask",
+    "sinusoidal_positions",
+]
