@@ -203,16 +203,25 @@ def hybrid_plan(
     return (low,) * attention_layers + (high,) * (num_layers - attention_layers)
 
 
+_LABEL_OPTIONS = (("degree", "k"), ("expand", "D"), ("parts", "p"), ("mode", ""))
+
+
+def _layer_label(spec: MixerSpec) -> str:
+    options = spec.resolved_options() if hasattr(spec, "resolved_options") else dict(spec.options)
+    shown = [f"{short}{options[key]}" for key, short in _LABEL_OPTIONS if key in options and key in spec.options]
+    return f"{spec.name}({','.join(shown)})" if shown else spec.name
+
+
 def plan_label(layers: Sequence[MixerSpec]) -> str:
-    """A short human label of a plan, e.g. ``"4xmha_relpos+8xpom"``."""
-    parts: list[str] = []
+    """A short human label of a plan, e.g. ``"4xmha_relpos+8xpom(k2,D2)"``."""
+    parts: list[tuple[int, str]] = []
     for spec in layers:
-        if parts and parts[-1].split("x", 1)[1] == spec.name:
-            count = int(parts[-1].split("x", 1)[0]) + 1
-            parts[-1] = f"{count}x{spec.name}"
+        label = _layer_label(spec)
+        if parts and parts[-1][1] == label:
+            parts[-1] = (parts[-1][0] + 1, label)
         else:
-            parts.append(f"1x{spec.name}")
-    return "+".join(parts)
+            parts.append((1, label))
+    return "+".join(f"{count}x{label}" for count, label in parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,6 +789,8 @@ def resolve_plan(
     attention_layers: int | None = None,
     lower: str = "mha_relpos",
     default: str = "mha_relpos",
+    plan_options: Mapping[str, Any] | None = None,
+    lower_options: Mapping[str, Any] | None = None,
 ) -> tuple[MixerSpec, ...]:
     """Turn the ``plan`` argument of :func:`make_config` into ``num_layers`` specs.
 
@@ -791,10 +802,16 @@ def resolve_plan(
         plan = default
     if isinstance(plan, str):
         if attention_layers is not None:
-            return hybrid_plan(num_layers, attention_layers, lower=lower, upper=plan)
-        return uniform_plan(num_layers, plan)
+            return hybrid_plan(
+                num_layers, attention_layers, lower=lower, upper=plan,
+                lower_options=lower_options, upper_options=plan_options,
+            )
+        return uniform_plan(num_layers, plan, plan_options)
     if attention_layers is not None:
         raise ValueError("attention_layers applies to a plan given as one mixer name, not to a list of layers")
+    if plan_options or lower_options:
+        raise ValueError("plan_options/lower_options apply to a plan given as one mixer name; "
+                         "give options per layer as {name, options} entries instead")
     if not isinstance(plan, Sequence):
         raise ValueError(f"plan must be a mixer name or a sequence of mixer names/MixerSpec, got {plan!r}")
     layers = tuple(_as_spec(item, f"plan[{i}]") for i, item in enumerate(plan))
@@ -813,6 +830,10 @@ def make_config(
     model_dim: int | None = None,
     attention_layers: int | None = None,
     num_heads: int | None = None,
+    lower: str = "mha_relpos",
+    plan_options: Mapping[str, Any] | None = None,
+    lower_options: Mapping[str, Any] | None = None,
+    param_budget: float | None = None,
     **overrides: Mapping[str, Any],
 ) -> ModelConfig:
     """Build a validated :class:`ModelConfig` from a preset, a layer plan and overrides.
@@ -827,7 +848,12 @@ def make_config(
             otherwise the multiple of 8 (and of the heads) whose front-end + encoder + BEST-RQ head
             is closest to the preset's parameter budget (:func:`models.params.match_model_dim`).
         attention_layers: with ``plan`` a mixer name: the lower ``attention_layers`` layers use
-            ``mha_relpos`` and the others ``plan`` (:func:`hybrid_plan`).
+            ``lower`` (default ``mha_relpos``) and the others ``plan`` (:func:`hybrid_plan`).
+        lower: the attention mixer of the lower layers of a hybrid plan.
+        plan_options: options of the ``plan`` mixer (e.g. ``{"degree": 3, "expand": 1}``).
+        lower_options: options of the lower mixer.
+        param_budget: with ``model_dim=None``, match ``model_dim`` to this many front-end +
+            encoder + BEST-RQ head parameters whatever the plan (default: the preset's rules).
         num_heads: heads of the attention layers that do not set ``num_heads`` themselves
             (default: the preset's).
         **overrides: section overrides, e.g. ``encoder={"dropout_p": 0.2}``,
@@ -857,12 +883,25 @@ def make_config(
     if not _is_int(heads) or heads < 1:
         raise ValueError(f"{source}: num_heads must be a positive integer, got {heads!r}")
     layers = _fill_options(
-        resolve_plan(plan, num_layers, attention_layers=attention_layers), num_heads=heads, dropout_p=dropout_p
+        resolve_plan(
+            plan, num_layers, attention_layers=attention_layers, lower=lower,
+            plan_options=plan_options, lower_options=lower_options,
+        ),
+        num_heads=heads, dropout_p=dropout_p,
     )
     base_dict["encoder"]["layers"] = config_to_dict(layers)
 
+    if param_budget is not None and (not _is_number(param_budget) or param_budget <= 0):
+        raise ValueError(f"{source}: param_budget must be a positive number of parameters, got {param_budget!r}")
+    if model_dim is not None and param_budget is not None:
+        raise ValueError(f"{source}: give model_dim or param_budget, not both")
     if model_dim is None:
-        if all(s.is_attention for s in layers) and heads == spec.num_heads:
+        if param_budget is not None:
+            from models.params import match_model_dim
+
+            probe = dict(base_dict, encoder=dict(base_dict["encoder"], model_dim=_plan_multiple(layers)))
+            model_dim = match_model_dim(config_from_dict(probe, source=source), float(param_budget))
+        elif all(s.is_attention for s in layers) and heads == spec.num_heads:
             model_dim = spec.attention_dim
         elif spec.pom_k2d2_dim is not None and _is_pom_k2d2(layers):
             model_dim = spec.pom_k2d2_dim

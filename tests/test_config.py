@@ -120,7 +120,8 @@ def test_hybrid_plan() -> None:
     plan = hybrid_plan(6, 2, upper_options={"degree": 3})
     assert [s.name for s in plan] == ["mha_relpos"] * 2 + ["pom"] * 4
     assert plan[-1].options == {"degree": 3}
-    assert plan_label(plan) == "2xmha_relpos+4xpom"
+    assert plan_label(plan) == "2xmha_relpos+4xpom(k3)"
+    assert plan_label(hybrid_plan(2, 1)) == "1xmha_relpos+1xpom"
     assert [s.name for s in hybrid_plan(3, 0)] == ["pom"] * 3
     assert [s.name for s in hybrid_plan(3, 3, lower="mha")] == ["mha"] * 3
 

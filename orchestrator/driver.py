@@ -1,0 +1,287 @@
+"""The sweep: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial.trial_driver`.
+
+Storage layout (``storage.path``)::
+
+    sweeps/<sweep_id>/sweep.json        name, id, MLflow parent run id, spec fingerprint
+    sweeps/<sweep_id>/spec.yaml         the spec as run (after --set)
+    sweeps/<sweep_id>/tune/             Ray Tune's experiment state (what --resume restores)
+    sweeps/<sweep_id>/trials/<id>/      one folder per trial: trial.json + run/ (checkpoints)
+    sweeps/<sweep_id>/report.md, *.png  the results
+    pretrain/<key>/                     pre-training results shared by trials and sweeps
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.spec import Spec, build_run_config, count_trials, grid, sample_preview
+from orchestrator.train.checkpoint import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+GRID_KEY = "__grid__"
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or resume; one line says why and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def storage_root(spec: Spec) -> Path:
+    path = spec.storage.path
+    if path.startswith("s3://"):
+        raise SweepError(
+            f"{spec.source}: storage.path={path}: s3:// storage is not supported by this version yet; "
+            "use a local or shared folder (e.g. runs)"
+        )
+    return Path(path).expanduser().resolve()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _objectives(spec: Spec) -> tuple[list[str], list[str]]:
+    return [o.metric for o in spec.objectives], [o.mode for o in spec.objectives]
+
+
+def find_sweep(root: Path, name: str, sweep_id: str) -> Path | None:
+    sweeps = root / "sweeps"
+    if sweep_id != "latest":
+        folder = sweeps / sweep_id
+        return folder if (folder / "sweep.json").is_file() else None
+    found = []
+    for meta in sweeps.glob("*/sweep.json"):
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("name") == name:
+            found.append((data.get("created", 0), meta.parent))
+    return max(found)[1] if found else None
+
+
+def _check_data(spec: Spec) -> None:
+    """Fail before any trial starts when the corpus cannot be read (missing, S3 down, bad keys)."""
+    from orchestrator.data.errors import CorpusError
+    from orchestrator.train.config import ConfigError
+    from orchestrator.train.data import ensure_corpus, load_utterances
+
+    try:
+        config = build_run_config(spec.run, {}, source=spec.source)
+        ensure_corpus(config.data)
+        for subsets in (config.data.train_subsets, config.data.dev_subsets):
+            load_utterances(config.data, tuple(subsets))
+    except (CorpusError, ConfigError) as err:
+        raise SweepError(" ".join(str(err).split())) from None
+
+
+# --------------------------------------------------------------------------------------------
+# dry run
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_step_seconds(spec: Spec, params: dict[str, Any]) -> float:
+    """One measured BEST-RQ training step (forward + backward) on a full synthetic batch."""
+    import torch
+
+    from models.builder import build_best_rq
+
+    config = build_run_config(spec.run, params, source=spec.source)
+    model = build_best_rq(config.model)
+    seconds = config.pretrain.max_batch_seconds
+    utt = 4.0
+    batch = max(1, int(seconds // utt))
+    wave = torch.randn(batch, int(utt * config.model.frontend.sample_rate)) * 0.1
+    lengths = torch.full((batch,), wave.shape[1], dtype=torch.long)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = model(wave, lengths)
+        loss = out.loss if hasattr(out, "loss") else out["loss"]
+        loss.backward()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
+    """Print the resolved defaults, the trials and an estimated cost; start nothing."""
+    base = build_run_config(spec.run, {}, source=spec.source)
+    n = count_trials(spec)
+    if spec.sweep.sampler == "grid":
+        trials = grid(spec)[:n]
+        label = f"{len(trials)} trials (grid)"
+    else:
+        trials = sample_preview(spec, min(n, 8))
+        label = f"{n} trials ({spec.sweep.sampler}); the first {len(trials)} samples"
+    print(f"# sweep {spec.sweep.name}: {label}", file=out)
+    print(f"# objective: {', '.join(f'{o.metric} ({o.mode})' for o in spec.objectives)}; "
+          f"scheduler {spec.sweep.scheduler.type}; concurrency {spec.sweep.max_concurrent}", file=out)
+    print("# resolved defaults:", file=out)
+    print(yaml.safe_dump(base.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), file=out)
+    print("# trials:", file=out)
+    for i, params in enumerate(trials):
+        print(f"  {i}: " + ", ".join(f"{k}={v}" for k, v in params.items()), file=out)
+    step_s = estimate_step_seconds(spec, trials[0] if trials else {})
+    steps = base.pretrain.steps + base.finetune.steps
+    workers = spec.resources.workers
+    hours = n * steps * step_s * workers / 3600.0
+    print(f"# estimate: {step_s:.3f} s per step measured here x {steps} steps x {n} trials x "
+          f"{workers} worker(s) = {hours:.2f} worker-hours (training only, this machine)", file=out)
+    return {"trials": trials, "num_trials": n, "step_seconds": step_s, "worker_hours": hours}
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SweepError(f"cannot connect to Ray at {address or 'a new local cluster'}: {' '.join(str(err).split())[:300]}") from None
+
+
+def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = None, argv: list[str] | None = None) -> int:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.report import write_report
+    from orchestrator.spec import define_by_run, make_sampler
+    from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
+    from orchestrator.trial import TrialContext, trial_driver
+
+    root = storage_root(spec)
+    uri = spec.tracking.uri or default_tracking_uri()
+    try:
+        tracker = Tracker.open(uri, spec.tracking.experiment)
+    except TrackingError as err:
+        raise SweepError(str(err)) from None
+    _check_data(spec)
+
+    if resume:
+        sweep_dir = find_sweep(root, spec.sweep.name, resume)
+        if sweep_dir is None:
+            raise SweepError(f"no sweep {resume!r} named {spec.sweep.name!r} under {root / 'sweeps'} to resume; run without --resume")
+        meta = json.loads((sweep_dir / "sweep.json").read_text())
+        if meta.get("fingerprint") != spec.fingerprint():
+            print(f"warning: the spec changed since sweep {meta['sweep_id']} started; resuming with the original trials",
+                  file=sys.stderr)
+    else:
+        sweep_id = f"{spec.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = root / "sweeps" / sweep_id
+        while sweep_dir.exists():
+            time.sleep(1.0)
+            sweep_id = f"{spec.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            sweep_dir = root / "sweeps" / sweep_id
+        sweep_dir.mkdir(parents=True)
+        meta = {"name": spec.sweep.name, "sweep_id": sweep_id, "created": time.time(),
+                "fingerprint": spec.fingerprint(), "source": spec.source}
+    sweep_id = meta["sweep_id"]
+    command = " ".join(shlex.quote(a) for a in (argv or sys.argv))
+    parent = tracker.sweep_run(sweep_id, sweep_id, tags={
+        "sweep_name": spec.sweep.name, "git_commit": git_commit(), "command": command[:4000],
+        "storage": str(root), "objective": spec.sweep.objective.metric,
+    })
+    meta["parent_run_id"] = parent
+    atomic_write_json(sweep_dir / "sweep.json", meta)
+    if not resume:
+        atomic_write_bytes(sweep_dir / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False).encode())
+        base = build_run_config(spec.run, {}, source=spec.source)
+        atomic_write_bytes(sweep_dir / "resolved_config.yaml", yaml.safe_dump(base.to_dict(), sort_keys=False).encode())
+        tracker.log_artifact(parent, str(sweep_dir / "spec.yaml"), "spec")
+        tracker.log_artifact(parent, str(sweep_dir / "resolved_config.yaml"), "spec")
+        tracker.log_params(parent, {"num_trials": spec.sweep.num_trials, "sampler": spec.sweep.sampler,
+                                    "scheduler": spec.sweep.scheduler.type, "max_concurrent": spec.sweep.max_concurrent,
+                                    "objective": spec.sweep.objective.metric, "spec_file": spec.source})
+    print(f"sweep {sweep_id}: storage {sweep_dir}, MLflow {redact_uri(uri)} "
+          f"(experiment {spec.tracking.experiment!r}, parent run {parent})", flush=True)
+
+    _init_ray(address)
+    metrics, modes = _objectives(spec)
+    ctx = TrialContext(
+        sweep_id=sweep_id, sweep_dir=str(sweep_dir), storage_root=str(root), spec_run=spec.run,
+        tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=parent,
+        workers=spec.resources.workers, cpus_per_worker=spec.resources.cpus_per_worker,
+        gpus_per_worker=spec.resources.gpus_per_worker,
+        profile={"enabled": spec.profile.enabled, "lengths_s": list(spec.profile.lengths_s),
+                 "batch_size": spec.profile.batch_size, "repeats": spec.profile.repeats},
+        objectives=tuple(metrics), max_failures=spec.sweep.max_failures,
+    )
+    # The driver itself only waits on its TorchTrainers: a token CPU share.
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), {"CPU": 0.01})
+    single = len(metrics) == 1
+    scheduler = FIFOScheduler()
+    if spec.sweep.scheduler.type == "asha" and single:
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", metric=metrics[0], mode=modes[0], max_t=10_000,
+            grace_period=spec.sweep.scheduler.grace_period, reduction_factor=spec.sweep.scheduler.reduction_factor,
+        )
+    n = count_trials(spec)
+    if spec.sweep.sampler == "grid":
+        search_alg = None
+        param_space = {GRID_KEY: tune.grid_search(grid(spec)[:n])}
+        num_samples = 1
+    else:
+        searcher = OptunaSearch(
+            space=define_by_run(spec), metric=metrics[0] if single else metrics,
+            mode=modes[0] if single else modes, sampler=make_sampler(spec),
+        )
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.sweep.max_concurrent)
+        param_space = None
+        num_samples = n
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+        max_concurrent_trials=spec.sweep.max_concurrent,
+        **({"metric": metrics[0], "mode": modes[0]} if search_alg is None and not isinstance(scheduler, ASHAScheduler) and single else {}),
+    )
+    run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures))
+    tune_path = sweep_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False, param_space=param_space)
+    else:
+        kwargs = {"param_space": param_space} if param_space is not None else {}
+        tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config, **kwargs)
+    try:
+        tuner.fit()
+    finally:
+        rows = write_report(tracker, parent, sweep_dir, objectives=list(zip(metrics, modes)))
+    done = [r for r in rows if r.get("status") == "FINISHED"]
+    tracker.finish(parent, "FINISHED" if done else "FAILED")
+    print(f"sweep {sweep_id}: {len(done)}/{len(rows)} trials finished; report {sweep_dir / 'report.md'}", flush=True)
+    return 0 if done else 1

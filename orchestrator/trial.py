@@ -1,0 +1,410 @@
+"""The per-trial driver: pre-train (or reuse) -> fine-tune -> evaluate -> profile.
+
+Three layers with three names (as in Ray's Train/Tune interop docs):
+
+* the sweep (:mod:`orchestrator.sweep`) runs a ``ray.tune.Tuner`` over :func:`trial_driver`;
+* the trial driver (this module) builds and fits one Ray Train ``TorchTrainer`` per training
+  stage, and keeps the trial's state (MLflow run id, stage results) in its folder;
+* the worker loop (:func:`stage_worker`) calls the plain PyTorch loops of
+  :mod:`orchestrator.train` on every DDP rank.
+
+A trial is keyed by ``<sweep_id>/<tune trial id>`` (stable across ``--resume``): it names the
+trial's checkpoint folder and its MLflow run, and the run id is stored with the trial's state so a
+restarted trial re-attaches to its run. A pre-training result is keyed by a hash of everything
+that shapes it and reused by every trial (and every sweep sharing the storage) that needs it; a
+named Ray actor makes sure two concurrent trials never compute the same key twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.train.checkpoint import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+TRIAL_STATE = "trial.json"
+PRETRAIN_DONE = "pretrain.done.json"
+REGISTRY_NAME = "pom_ablations_pretrain_registry"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrialContext:
+    """Everything a trial needs that is the same for the whole sweep (sent once to each trial)."""
+
+    sweep_id: str
+    sweep_dir: str
+    storage_root: str
+    spec_run: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    profile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    objectives: tuple[str, ...] = ("dev_wer",)
+    max_failures: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def pretrain_key(config) -> str:
+    """Hash of everything that shapes a pre-training result: model, pre-training, data, seed.
+
+    Output folders, the device and the fine-tuning/eval settings do not enter the key.
+    """
+    plain = config.to_dict()
+    data = dict(plain["data"])
+    for key in ("cache_dir", "num_workers"):
+        data.pop(key, None)
+    shaping = {"model": plain["model"], "pretrain": plain["pretrain"], "data": data}
+    return _digest(shaping)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Tune hands sampled ``a.b`` names back as they were (OptunaSearch unflattens on '/')."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}/"))
+        else:
+            out[name.replace("/", ".")] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the pre-training registry (a named actor: one owner per key, across the whole cluster)
+# --------------------------------------------------------------------------------------------
+
+
+def _registry():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PretrainRegistry:
+        def __init__(self) -> None:
+            self.owners: dict[str, str] = {}
+
+        def claim(self, key: str, owner: str) -> str:
+            current = self.owners.get(key)
+            if current is None or current == owner:
+                self.owners[key] = owner
+                return "owner"
+            return current
+
+        def release(self, key: str, owner: str) -> None:
+            if self.owners.get(key) == owner:
+                del self.owners[key]
+
+    return PretrainRegistry.options(name=REGISTRY_NAME, get_if_exists=True, lifetime=None).remote()
+
+
+# --------------------------------------------------------------------------------------------
+# the worker loop (runs on every Ray Train worker)
+# --------------------------------------------------------------------------------------------
+
+
+def _prefixed(stage: str, metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key in ("step",):
+            continue
+        out[key if "/" in key else f"{stage}/{key}"] = float(value)
+    return out
+
+
+def stage_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry: run one stage with the plain loops; rank 0 logs to MLflow."""
+    import ray.train
+
+    from orchestrator.tracking import Tracker
+    from orchestrator.train.config import run_config_from_dict
+
+    stage = loop_config["stage"]
+    config = run_config_from_dict(loop_config["run"], source=f"trial {loop_config['trial_key']}")
+    rank = ray.train.get_context().get_world_rank()
+    tracker = Tracker(uri=loop_config["tracking_uri"], experiment_id=loop_config["experiment_id"]) if rank == 0 else None
+    run_id = loop_config["run_id"]
+    objectives = loop_config["objectives"]
+
+    def log_metrics(prefix: str, metrics: dict[str, Any]) -> None:
+        if tracker is not None:
+            step = int(metrics.get("step", 0) or 0)
+            tracker.log_metrics(run_id, _prefixed(prefix, metrics), step=step)
+
+    if stage == "pretrain":
+        from orchestrator.train.pretrain import pretrain
+
+        def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+            log_metrics("pretrain", metrics)
+
+        result = pretrain(config, report=report)
+        if not result.get("complete", True):
+            raise RuntimeError(f"pre-training stopped at step {result.get('step')} before its budget")
+        return
+
+    from orchestrator.train.evaluate import evaluate_run
+    from orchestrator.train.finetune import finetune
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        log_metrics("finetune", metrics)
+        wer = metrics.get("dev/wer")
+        if wer is not None:
+            # Every rank reports (Train V2 collects one report per worker); ASHA sees dev_wer.
+            tune_metrics = {"dev_wer": float(wer), "finetune_step": int(metrics.get("step", 0))}
+            if "dev/cer" in metrics:
+                tune_metrics["dev_cer"] = float(metrics["dev/cer"])
+            ray.train.report(_fill_objectives(tune_metrics, objectives))
+
+    result = finetune(config, report=report)
+    last = dict(result.get("metrics") or {})
+    final: dict[str, float] = {}
+    if "dev/wer" in last:
+        final["dev_wer"] = float(last["dev/wer"])
+    if "dev/cer" in last:
+        final["dev_cer"] = float(last["dev/cer"])
+    evaluation = evaluate_run(config)
+    final.update(_flatten_eval(evaluation))
+    if tracker is not None:
+        tracker.log_metrics(run_id, final, step=int(result.get("step", 0)))
+    final["finetune_step"] = int(result.get("step", 0))
+    if "dev_wer" not in final and "dev_wer" in objectives:
+        final["dev_wer"] = final.get("test_wer", float("nan"))
+    ray.train.report(_fill_objectives(final, objectives))
+
+
+def _flatten_eval(evaluation: dict[str, Any]) -> dict[str, float]:
+    """``evaluate_run`` results -> flat metrics: test_wer (first subset), test/<subset>/wer, CI."""
+    out: dict[str, float] = {}
+    subsets = evaluation.get("subsets") or {}
+    first = True
+    for subset, scores in subsets.items():
+        for key in ("wer", "cer", "wer_ci_low", "wer_ci_high", "utterances"):
+            if key in scores and isinstance(scores[key], (int, float)):
+                out[f"test/{subset}/{key}"] = float(scores[key])
+                if first and key in ("wer", "cer"):
+                    out[f"test_{key}"] = float(scores[key])
+        first = False
+    return out
+
+
+def _fill_objectives(metrics: dict[str, Any], objectives: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Every Tune report must carry every objective (Tune checks); NaN where not known yet."""
+    out = dict(metrics)
+    for name in objectives:
+        out.setdefault(name, float("nan"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the trial driver (a Ray Tune function trainable)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: str, run_id: str, storage: Path, tune_callback: bool):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    callbacks = []
+    if tune_callback:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config={
+            "stage": stage,
+            "run": run,
+            "trial_key": trial_key,
+            "run_id": run_id,
+            "tracking_uri": ctx.tracking_uri,
+            "experiment_id": ctx.experiment_id,
+            "objectives": list(ctx.objectives),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=ctx.workers,
+            use_gpu=ctx.gpus_per_worker > 0,
+            resources_per_worker={"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{trial_key.replace('/', '-')}-{stage}",
+            storage_path=str(storage),
+            callbacks=callbacks,
+            # Our loops resume from their own checkpoints when a worker group restarts.
+            failure_config=FailureConfig(max_failures=ctx.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def _with_output(run: dict[str, Any], output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(run))
+    out["output_dir"] = str(output_dir)
+    for name, values in sections.items():
+        out[name] = {**(out.get(name) or {}), **values}
+    return out
+
+
+def _pretrain_stage(ctx: TrialContext, config, run_plain: dict[str, Any], trial_key: str, run_id: str, tracker) -> tuple[Path, bool]:
+    """Return the pre-training folder for this trial's key and whether it was reused."""
+    import ray
+
+    key = pretrain_key(config)
+    folder = Path(ctx.storage_root) / "pretrain" / key
+    done = folder / PRETRAIN_DONE
+    if done.exists():
+        return folder, True
+    registry = _registry()
+    waited = False
+    while True:
+        owner = ray.get(registry.claim.remote(key, trial_key))
+        if owner == "owner":
+            break
+        if done.exists():
+            return folder, True
+        waited = True
+        time.sleep(2.0)
+    try:
+        if done.exists():  # finished by the previous owner while we waited
+            return folder, True
+        folder.mkdir(parents=True, exist_ok=True)
+        stage_run = _with_output(run_plain, folder)
+        atomic_write_json(folder / "config.json", {"key": key, "run": stage_run})
+        tracker.set_tags(run_id, {"pretrain_key": key})
+        _fit_stage(ctx, "pretrain", stage_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=False)
+        atomic_write_json(done, {"key": key, "by": trial_key, "time": time.time()})
+        return folder, waited
+    finally:
+        ray.get(registry.release.remote(key, trial_key))
+
+
+def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Ray Tune function trainable: one trial, end to end."""
+    from ray import tune
+
+    from orchestrator.spec import build_run_config
+    from orchestrator.tracking import Tracker
+
+    params = dict(config["__grid__"]) if "__grid__" in config else flatten(config)
+    tune_id = tune.get_context().get_trial_id()
+    trial_key = f"{ctx.sweep_id}/{tune_id}"
+    trial_dir = Path(ctx.sweep_dir) / "trials" / tune_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    state_path = trial_dir / TRIAL_STATE
+    state = _read_json(state_path)
+    if state.get("status") == "done":  # completed before an interruption: report, never rerun
+        tune.report(state["final"])
+        return
+
+    tracker = Tracker(uri=ctx.tracking_uri, experiment_id=ctx.experiment_id)
+    run_id = state.get("mlflow_run_id") or tracker.trial_run(ctx.parent_run_id, trial_key, f"trial-{tune_id}")
+    state.update({"trial_key": trial_key, "mlflow_run_id": run_id, "params": params, "status": "running"})
+    atomic_write_json(state_path, state)
+
+    started = time.time()
+    try:
+        base = build_run_config(ctx.spec_run, params, source=f"trial {trial_key}")
+        config_obj = dataclasses.replace(base, output_dir=str(trial_dir / "run"))
+        run_plain = config_obj.to_dict()
+        _log_trial_params(tracker, run_id, params, config_obj)
+
+        pre_folder, reused = _pretrain_stage(ctx, config_obj, run_plain, trial_key, run_id, tracker)
+        tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.name})
+
+        ft_run = _with_output(run_plain, trial_dir / "run", finetune={"init": str(pre_folder)})
+        result = _fit_stage(ctx, "finetune", ft_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=True)
+        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final.pop("checkpoint_path", None)
+
+        if ctx.profile.get("enabled", True):
+            prof = _profile(config_obj, ctx.profile)
+            final.update(prof)
+            tracker.log_metrics(run_id, prof)
+        final["params"] = float(_param_count(config_obj))
+        final["wall_time_s"] = time.time() - started
+        final["pretrain_reused"] = float(reused)
+        tracker.log_metrics(run_id, {"params": final["params"], "wall_time_s": final["wall_time_s"]})
+        bad = [k for k in ctx.objectives if not _finite(final.get(k))]
+        if bad:
+            raise RuntimeError(f"trial ended without a finite {', '.join(bad)} (diverged?)")
+        state.update({"status": "done", "final": final})
+        atomic_write_json(state_path, state)
+        tracker.finish(run_id, "FINISHED")
+        tune.report(final)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:2000] or type(err).__name__
+        state.update({"status": "failed", "reason": reason})
+        atomic_write_json(state_path, state)
+        try:
+            tracker.set_tags(run_id, {"failure_reason": reason})
+            tracker.finish(run_id, "FAILED")
+        finally:
+            raise
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _param_count(config) -> int:
+    from models.builder import build_best_rq
+    from models.params import count_parameters
+
+    counts = count_parameters(build_best_rq(config.model))
+    return int(counts.get("total", sum(v for k, v in counts.items() if k != "total")))
+
+
+def _log_trial_params(tracker, run_id: str, params: dict[str, Any], config) -> None:
+    from models.config import plan_label
+
+    plain = config.to_dict()
+    plain.pop("output_dir", None)
+    tracker.log_params(run_id, {"sampled": params})
+    tracker.log_params(run_id, {"config": plain})
+    tracker.set_tags(run_id, {"layer_plan": plan_label(config.model.encoder.layers)})
+
+
+def _profile(config, profile: dict[str, Any]) -> dict[str, float]:
+    import torch
+
+    from models.builder import build_encoder
+    from orchestrator.profile import profile_encoder
+
+    encoder = build_encoder(config.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else None
+    return profile_encoder(
+        encoder,
+        config.model.encoder.model_dim,
+        lengths_s=tuple(profile.get("lengths_s", (10.0, 20.0))),
+        batch_size=int(profile.get("batch_size", 2)),
+        repeats=int(profile.get("repeats", 2)),
+        device=device,
+        dtype=dtype,
+    )
