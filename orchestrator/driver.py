@@ -80,6 +80,25 @@ def find_sweep(root: Path, name: str, sweep_id: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+def absolute_run(spec: Spec) -> dict[str, Any]:
+    """The spec's run section with local data/cache paths made absolute.
+
+    Ray workers run in their own working directories, so a relative ``data/synth`` would point
+    somewhere else on every worker (and generate a corpus there).
+    """
+    import copy
+
+    base = build_run_config(spec.run, {}, source=spec.source)
+    run = copy.deepcopy(spec.run)
+    data = dict(run.get("data") or {})
+    if not base.data.root.startswith("s3://"):
+        data["root"] = str(Path(base.data.root).expanduser().resolve())
+    if base.data.cache_dir and not base.data.cache_dir.startswith("s3://"):
+        data["cache_dir"] = str(Path(base.data.cache_dir).expanduser().resolve())
+    run["data"] = data
+    return run
+
+
 def _check_data(spec: Spec) -> None:
     """Fail before any trial starts when the corpus cannot be read (missing, S3 down, bad keys)."""
     from orchestrator.data.errors import CorpusError
@@ -233,7 +252,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     _init_ray(address)
     metrics, modes = _objectives(spec)
     ctx = TrialContext(
-        sweep_id=sweep_id, sweep_dir=str(sweep_dir), storage_root=str(root), spec_run=spec.run,
+        sweep_id=sweep_id, sweep_dir=str(sweep_dir), storage_root=str(root), spec_run=absolute_run(spec),
         tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=parent,
         workers=spec.resources.workers, cpus_per_worker=spec.resources.cpus_per_worker,
         gpus_per_worker=spec.resources.gpus_per_worker,

@@ -72,7 +72,7 @@ def profile_encoder(
         dtype: autocast dtype on CUDA (e.g. torch.float16), None for fp32.
 
     Returns:
-        ``{"encoder_time_s@20s": ..., "encoder_peak_mem_mb@20s": ..., "encoder_time_s": <longest>,
+        ``{"encoder_time_s/20s": ..., "encoder_peak_mem_mb/20s": ..., "encoder_time_s": <longest>,
         "encoder_peak_mem_mb": <longest>}``.
     """
     device = torch.device(device)
@@ -113,11 +113,11 @@ def profile_encoder(
                     times.append(time.perf_counter() - start)
                 peak = max(peak, sampler.peak - base)
         key = f"{seconds:g}s"
-        out[f"encoder_time_s@{key}"] = statistics.median(times)
-        out[f"encoder_peak_mem_mb@{key}"] = peak / 2**20
+        out[f"encoder_time_s/{key}"] = statistics.median(times)
+        out[f"encoder_peak_mem_mb/{key}"] = peak / 2**20
         del x, mask
         gc.collect()
     longest = f"{max(lengths_s):g}s"
-    out["encoder_time_s"] = out[f"encoder_time_s@{longest}"]
-    out["encoder_peak_mem_mb"] = out[f"encoder_peak_mem_mb@{longest}"]
+    out["encoder_time_s"] = out[f"encoder_time_s/{longest}"]
+    out["encoder_peak_mem_mb"] = out[f"encoder_peak_mem_mb/{longest}"]
     return out

@@ -592,13 +592,18 @@ def grid(spec: Spec) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
-def define_by_run(spec: Spec):
-    """An Optuna define-by-run function: samples each active parameter, nothing else."""
-    params = spec.search
+class DefineByRun:
+    """An Optuna define-by-run function: samples each active parameter, nothing else.
 
-    def space(trial) -> None:
+    A class (not a closure) so Ray Tune can pickle the searcher into its experiment state.
+    """
+
+    def __init__(self, params: Sequence[Param]) -> None:
+        self.params = tuple(params)
+
+    def __call__(self, trial) -> None:
         sampled: dict[str, Any] = {}
-        for p in params:
+        for p in self.params:
             if not p.is_active(sampled):
                 continue
             if p.values is not None:
@@ -613,7 +618,10 @@ def define_by_run(spec: Spec):
                 sampled[p.path] = trial.suggest_float(p.path, float(p.low), float(p.high), step=p.step)
         return None
 
-    return space
+
+def define_by_run(spec: Spec) -> DefineByRun:
+    """The spec's search space as an Optuna define-by-run function."""
+    return DefineByRun(spec.search)
 
 
 def sample_preview(spec: Spec, n: int) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TRIAL_STATE = "trial.json"
 PRETRAIN_DONE = "pretrain.done.json"
+FINAL_METRICS = "final_metrics.json"
 REGISTRY_NAME = "pom_ablations_pretrain_registry"
 
 
@@ -165,10 +166,15 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
     from orchestrator.train.evaluate import evaluate_run
     from orchestrator.train.finetune import finetune
 
+    latest: dict[str, float] = {}
+
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         log_metrics("finetune", metrics)
         wer = metrics.get("dev/wer")
         if wer is not None:
+            latest["dev_wer"] = float(wer)
+            if "dev/cer" in metrics:
+                latest["dev_cer"] = float(metrics["dev/cer"])
             # Every rank reports (Train V2 collects one report per worker); ASHA sees dev_wer.
             tune_metrics = {"dev_wer": float(wer), "finetune_step": int(metrics.get("step", 0))}
             if "dev/cer" in metrics:
@@ -177,18 +183,18 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
 
     result = finetune(config, report=report)
     last = dict(result.get("metrics") or {})
-    final: dict[str, float] = {}
-    if "dev/wer" in last:
-        final["dev_wer"] = float(last["dev/wer"])
-    if "dev/cer" in last:
-        final["dev_cer"] = float(last["dev/cer"])
+    if "dev/wer" in last:  # a fine-tuning run that was already complete reports nothing new
+        latest.setdefault("dev_wer", float(last["dev/wer"]))
+        if "dev/cer" in last:
+            latest.setdefault("dev_cer", float(last["dev/cer"]))
+    final: dict[str, float] = dict(latest)
     evaluation = evaluate_run(config)
     final.update(_flatten_eval(evaluation))
     if tracker is not None:
         tracker.log_metrics(run_id, final, step=int(result.get("step", 0)))
     final["finetune_step"] = int(result.get("step", 0))
-    if "dev_wer" not in final and "dev_wer" in objectives:
-        final["dev_wer"] = final.get("test_wer", float("nan"))
+    if rank == 0:  # the trial driver reads it (Train V2's Result.metrics only follows checkpoints)
+        atomic_write_json(Path(config.output_dir) / FINAL_METRICS, final)
     ray.train.report(_fill_objectives(final, objectives))
 
 
@@ -338,9 +344,10 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.name})
 
         ft_run = _with_output(run_plain, trial_dir / "run", finetune={"init": str(pre_folder)})
-        result = _fit_stage(ctx, "finetune", ft_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=True)
-        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        final.pop("checkpoint_path", None)
+        _fit_stage(ctx, "finetune", ft_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=True)
+        final = _read_json(trial_dir / "run" / FINAL_METRICS)
+        if not final:
+            raise RuntimeError(f"fine-tuning finished without writing {trial_dir / 'run' / FINAL_METRICS}")
 
         if ctx.profile.get("enabled", True):
             prof = _profile(config_obj, ctx.profile)
@@ -352,7 +359,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         tracker.log_metrics(run_id, {"params": final["params"], "wall_time_s": final["wall_time_s"]})
         bad = [k for k in ctx.objectives if not _finite(final.get(k))]
         if bad:
-            raise RuntimeError(f"trial ended without a finite {', '.join(bad)} (diverged?)")
+            raise RuntimeError(f"trial ended without a finite {', '.join(bad)} (diverged?); final metrics: {sorted(final.items())[:40]}")
         state.update({"status": "done", "final": final})
         atomic_write_json(state_path, state)
         tracker.finish(run_id, "FINISHED")
