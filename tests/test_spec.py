@@ -149,3 +149,41 @@ def test_define_by_run_with_optuna(tmp_path):
         trial = study.ask()
         assert space(trial) is None
         assert set(trial.params) <= {p.path for p in spec.search}
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_search_spaces_are_valid(path):
+    spec = load_spec(path)
+    assert spec.search and spec.sweep.name == path.stem
+
+
+def test_paper_scale_is_one_override():
+    hybrid = Path(__file__).resolve().parent.parent / "search_spaces" / "hybrid.yaml"
+    from orchestrator.spec import build_run_config
+
+    tiny = build_run_config(load_spec(hybrid).run, {})
+    paper = build_run_config(load_spec(hybrid, ["preset=paper"]).run, {})
+    assert tiny.model.encoder.num_layers == 4 and paper.model.encoder.num_layers == 12
+    assert paper.pretrain.steps == 200_000 and paper.model.encoder.model_dim > 400
+
+
+def test_cli_exit_code_and_one_line(tmp_path, capsys):
+    from orchestrator.sweep import main
+
+    path = write(tmp_path, broken(sweep__sampler="bayes"))
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: sweep.sampler")
+
+
+def test_cli_subprocess_reports_bad_spec(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, broken(search={}))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.sweep", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {path}: search: the search space is empty; add at least one parameter, e.g. pretrain.lr: {{values: [1e-3]}}"]

@@ -50,6 +50,8 @@ def ray_env(tmp: Path) -> tuple[dict, Path]:
 
 def stop_ray_started_under(ray_tmp: Path) -> None:
     """Stop the Ray processes that this test's sweep started (identified by its private temp dir)."""
+    import shutil
+
     marker = str(ray_tmp)
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -63,6 +65,7 @@ def stop_ray_started_under(ray_tmp: Path) -> None:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def mlflow_runs(db: Path, experiment: str = "e2e"):
