@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install sweep demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on embedded defaults.
-demo: $(STAMP)
-	$(PY) -m models.params --preset base
-	$(PY) benchmarks/mixer_profile.py --quick
+# The main job on embedded defaults: the hybrid sweep (local Ray, ./mlflow.db, generated corpus).
+sweep: $(STAMP)
+	$(PY) -m orchestrator.sweep search_spaces/hybrid.yaml
+
+demo: sweep
 
 # Everything, slow end-to-end tests included (what CI runs).
 test: $(STAMP)
