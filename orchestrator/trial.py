@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,21 @@ def _prefixed(stage: str, metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class DivergedError(RuntimeError):
+    """A training loss became NaN or infinite: the trial fails with this reason."""
+
+
+def check_finite(stage: str, metrics: dict[str, Any]) -> None:
+    """Raise :class:`DivergedError` when a reported loss is not finite (every rank sees the
+    same all-reduced value, so every rank raises together)."""
+    for key, value in metrics.items():
+        if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
+            raise DivergedError(
+                f"{stage} diverged: {key} is {value} at step {metrics.get('step', '?')}; "
+                "lower the learning rate or raise the warm-up"
+            )
+
+
 def stage_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry: run one stage with the plain loops; rank 0 logs to MLflow."""
     import ray.train
@@ -157,6 +173,7 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
             log_metrics("pretrain", metrics)
+            check_finite("pre-training", metrics)
 
         result = pretrain(config, report=report)
         if not result.get("complete", True):
@@ -170,6 +187,7 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         log_metrics("finetune", metrics)
+        check_finite("fine-tuning", metrics)
         wer = metrics.get("dev/wer")
         if wer is not None:
             latest["dev_wer"] = float(wer)
@@ -365,7 +383,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         tracker.finish(run_id, "FINISHED")
         tune.report(final)
     except Exception as err:
-        reason = " ".join(str(err).split())[:2000] or type(err).__name__
+        reason = failure_reason(err)
         state.update({"status": "failed", "reason": reason})
         atomic_write_json(state_path, state)
         try:
@@ -373,6 +391,19 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
             tracker.finish(run_id, "FAILED")
         finally:
             raise
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def failure_reason(err: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of an error (Ray wraps worker tracebacks)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = _ERROR_LINE.match(line)
+        if match:
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"[:2000]
+    return (lines[-1] if lines else type(err).__name__)[:2000]
 
 
 def _finite(value: Any) -> bool:

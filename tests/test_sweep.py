@@ -84,9 +84,10 @@ def run_sweep_cmd(spec_path: Path, env: dict, *args: str, timeout: float = 900) 
 
 
 def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
-    """Two trials that differ only in fine-tuning settings: one pre-training, two MLflow children."""
-    spec = sweep_spec(small_corpus, tmp_path, name="reuse",
-                      search={"finetune.head_lr": {"values": [0.001, 0.003]}})
+    """Three trials that differ only in fine-tuning settings: one pre-training, three MLflow
+    children; the trial whose loss becomes NaN fails with the reason, the others finish."""
+    spec = sweep_spec(small_corpus, tmp_path, name="reuse", num_trials=3,
+                      search={"finetune.head_lr": {"values": [0.001, 0.003, 1e38]}})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     env, ray_tmp = ray_env(tmp_path)
@@ -99,9 +100,13 @@ def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
     client, runs = mlflow_runs(tmp_path / "mlflow.db")
     parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 3
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    diverged = [c for c in children if c.data.params["sampled.finetune.head_lr"] == "1e+38"]
+    assert len(diverged) == 1 and diverged[0].info.status == "FAILED"
+    assert "diverged" in diverged[0].data.tags["failure_reason"], diverged[0].data.tags["failure_reason"]
+    children = [c for c in children if c not in diverged]
     assert {c.data.params["sampled.finetune.head_lr"] for c in children} == {"0.001", "0.003"}
     for child in children:
         assert child.info.status == "FINISHED"
@@ -114,9 +119,10 @@ def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
     # Pre-trained once, reused by the other trial.
     done = list((tmp_path / "runs" / "pretrain").glob("*/pretrain.done.json"))
     assert len(done) == 1
-    assert sorted(c.data.tags["pretrain_reused"] for c in children) == ["false", "true"]
+    assert sorted(c.data.tags["pretrain_reused"] for c in children + diverged) == ["false", "true", "true"]
     sweep_dir = next((tmp_path / "runs" / "sweeps").iterdir())
-    assert (sweep_dir / "report.md").read_text().count("FINISHED") == 2
+    report = (sweep_dir / "report.md").read_text()
+    assert report.count("| FINISHED |") == 2 and "FAILED: DivergedError" in report, report
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/report.md" in artifacts
 
