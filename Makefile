@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep demo test test-fast clean
+.PHONY: install sweep demo test test-fast system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,13 @@ sweep: $(STAMP)
 
 demo: sweep
 
+# PostgreSQL 15 server binaries for the local cluster stack (tests/test_stack.py); Debian package.
+PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
+system-deps:
+	@test -x $(PG_CTL) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15)
+
 # Everything, slow end-to-end tests included (what CI runs).
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

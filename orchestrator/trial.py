@@ -138,11 +138,16 @@ class DivergedError(RuntimeError):
     """A training loss became NaN or infinite: the trial fails with this reason."""
 
 
+MAX_LOSS = 1e6
+"""Losses here are per target (cross-entropy over codes, CTC per token): a few units when
+training works; above this the run has diverged even if the number is still finite."""
+
+
 def check_finite(stage: str, metrics: dict[str, Any]) -> None:
-    """Raise :class:`DivergedError` when a reported loss is not finite (every rank sees the
-    same all-reduced value, so every rank raises together)."""
+    """Raise :class:`DivergedError` when a reported loss is not finite or above ``MAX_LOSS``
+    (every rank sees the same all-reduced value, so every rank raises together)."""
     for key, value in metrics.items():
-        if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
+        if key.endswith("loss") and isinstance(value, float) and not (math.isfinite(value) and abs(value) < MAX_LOSS):
             raise DivergedError(
                 f"{stage} diverged: {key} is {value} at step {metrics.get('step', '?')}; "
                 "lower the learning rate or raise the warm-up"

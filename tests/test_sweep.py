@@ -87,7 +87,7 @@ def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
     """Three trials that differ only in fine-tuning settings: one pre-training, three MLflow
     children; the trial whose loss becomes NaN fails with the reason, the others finish."""
     spec = sweep_spec(small_corpus, tmp_path, name="reuse", num_trials=3,
-                      search={"finetune.head_lr": {"values": [0.001, 0.003, 1e38]}})
+                      search={"finetune.head_lr": {"values": [0.001, 0.003, 1e30]}})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     env, ray_tmp = ray_env(tmp_path)
@@ -103,7 +103,7 @@ def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
     assert len(parents) == 1 and len(children) == 3
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    diverged = [c for c in children if c.data.params["sampled.finetune.head_lr"] == "1e+38"]
+    diverged = [c for c in children if c.data.params["sampled.finetune.head_lr"] == "1e+30"]
     assert len(diverged) == 1 and diverged[0].info.status == "FAILED"
     assert "diverged" in diverged[0].data.tags["failure_reason"], diverged[0].data.tags["failure_reason"]
     children = [c for c in children if c not in diverged]

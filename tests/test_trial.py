@@ -30,6 +30,8 @@ def test_divergence_is_detected_on_losses_only():
         check_finite("pre-training", {"pretrain/loss": math.nan, "step": 7})
     with pytest.raises(DivergedError):
         check_finite("fine-tuning", {"dev/loss": math.inf})
+    with pytest.raises(DivergedError, match="1e\\+31"):
+        check_finite("fine-tuning", {"finetune/loss": 1e31})
 
 
 def test_failure_reason_finds_the_inner_error():
