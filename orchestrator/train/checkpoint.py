@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,9 +64,24 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(
-    checkpoint_root: Path, step: int, state: dict[str, Any], *, keep: int = 2, meta: dict | None = None
+    checkpoint_root: Path,
+    step: int,
+    state: dict[str, Any],
+    *,
+    keep: int = 2,
+    meta: dict | None = None,
+    write_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``state`` as ``<checkpoint_root>/step-<step>`` atomically; keep the newest ``keep``.
+
+    Args:
+        checkpoint_root: the folder of a stage's checkpoints.
+        step: the optimiser step the state was taken after.
+        state: what ``torch.save`` writes to ``state.pt``.
+        keep: newest checkpoints kept (0 keeps all).
+        meta: JSON-able facts written to ``meta.json`` (step, metrics, completeness).
+        write_files: called with the temporary folder to add files (e.g. the tokenizer) that
+            must appear together with the state, in the same rename.
 
     Returns:
         The folder of the new checkpoint.
@@ -76,7 +91,13 @@ def save_checkpoint(
     final = root / f"{_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        torch.save(state, tmp / "state.pt")
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
+        with open(tmp / "state.pt", "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename below must not publish a file still in the page cache
+        if write_files is not None:
+            write_files(tmp)
         (tmp / "meta.json").write_text(
             json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True, default=str)
         )

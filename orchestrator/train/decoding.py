@@ -1,0 +1,238 @@
+"""CTC beam search decoding and scoring (WER, CER, bootstrap confidence interval).
+
+Dimensions: b batch, t encoder frames, v vocabulary (blank = 0).
+
+Scoring keeps per-utterance error and reference-length counts, so corpus WER is always
+``sum(errors) / sum(reference words)`` (never a mean of per-utterance WERs), sums across DDP
+ranks exactly, and can be bootstrapped by resampling utterances.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import jiwer
+import numpy as np
+import torch
+
+from orchestrator.data.tokenizers import BLANK
+
+def normalize_text(text: str) -> str:
+    """Upper case, single spaces, trimmed: how hypotheses and references are compared."""
+    return " ".join(text.upper().split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search
+
+
+class BeamSearchDecoder:
+    """Lexicon-free (or lexicon) CTC beam search with torchaudio's flashlight decoder.
+
+    The token list is the tokenizer's vocabulary in id order. For the character tokenizer the
+    space becomes the decoder's word separator ``|``; sentencepiece pieces carry their own word
+    boundaries (``▁``), and ``<unk>`` stands in as the separator the decoder requires.
+
+    Without a lexicon an n-gram LM scores token sequences, so it must be trained on text written
+    as tokens (``T H E | C A T``); with a lexicon (``word<TAB>t o k e n s |`` per line) the LM is a
+    word LM, as in the paper's 4-gram setting.
+
+    Args:
+        tokenizer: a ``CharTokenizer`` or ``BPETokenizer``.
+        beam_size: hypotheses kept per frame.
+        beam_threshold: prune hypotheses this far below the best.
+        lm_path: KenLM file (ARPA or binary), or ``None``.
+        lexicon_path: lexicon file, or ``None`` for lexicon-free decoding.
+        lm_weight: LM score weight.
+        word_score: score added per word boundary.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        beam_size: int = 50,
+        beam_threshold: float = 50.0,
+        lm_path: str | None = None,
+        lexicon_path: str | None = None,
+        lm_weight: float = 2.0,
+        word_score: float = 0.0,
+    ) -> None:
+        from torchaudio.models.decoder import ctc_decoder
+
+        self.tokenizer = tokenizer
+        if tokenizer.kind == "char":
+            tokens = ["|" if s == " " else s for s in tokenizer.symbols]
+            sil = "|"
+            self._space_id = tokenizer.symbols.index(" ")
+        else:
+            tokens = tokenizer.pieces()
+            sil = tokens[getattr(tokenizer, "unk", 1)]
+            self._space_id = None
+        self.tokens = tokens
+        self.lexicon = lexicon_path is not None
+        lm_dict = None
+        if lm_path is not None and lexicon_path is None:
+            # Lexicon-free, the decoder queries the LM with *token* indices. torchaudio builds the
+            # LM's word dictionary from an unordered map when no lm_dict is given, so indices
+            # need not match the token order (the LM then scores the wrong tokens); an explicit
+            # dictionary in token order fixes the mapping.
+            handle = tempfile.NamedTemporaryFile("w", suffix=".dict", delete=False)
+            with handle:
+                handle.write("\n".join(tokens + ([] if "<unk>" in tokens else ["<unk>"])) + "\n")
+            lm_dict = handle.name
+        try:
+            self._decoder = ctc_decoder(
+                lexicon=lexicon_path,
+                tokens=tokens,
+                lm=lm_path,
+                lm_dict=lm_dict,
+                nbest=1,
+                beam_size=beam_size,
+                beam_threshold=beam_threshold,
+                lm_weight=lm_weight if lm_path else 0.0,
+                word_score=word_score,
+                blank_token=tokens[BLANK],
+                sil_token=sil,
+            )
+        finally:
+            if lm_dict is not None:
+                os.unlink(lm_dict)
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Decode a batch.
+
+        Args:
+            log_probs: (b, t, v) log-probabilities.
+            lengths: (b,) valid frames.
+
+        Returns:
+            One normalised transcript per utterance.
+        """
+        emissions = log_probs.detach().float().cpu().contiguous()  # the decoder reads fp32 CPU memory
+        results = self._decoder(emissions, lengths.detach().cpu().to(torch.int32))
+        texts = []
+        for nbest in results:
+            if not nbest:
+                texts.append("")
+                continue
+            hyp = nbest[0]
+            if self.lexicon:
+                texts.append(normalize_text(" ".join(hyp.words)))
+            else:
+                texts.append(normalize_text(self.tokenizer.decode(hyp.tokens.tolist())))
+        return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Scores:
+    """Per-utterance error counts of one evaluation set.
+
+    Attributes:
+        ids: utterance ids.
+        word_errors: substitutions + deletions + insertions per utterance.
+        words: reference words per utterance.
+        char_errors: character edit operations per utterance (spaces count as characters).
+        chars: reference characters per utterance.
+        references: normalised references.
+        hypotheses: normalised hypotheses.
+    """
+
+    ids: list[str]
+    word_errors: list[int]
+    words: list[int]
+    char_errors: list[int]
+    chars: list[int]
+    references: list[str]
+    hypotheses: list[str]
+
+    @property
+    def wer(self) -> float:
+        return sum(self.word_errors) / max(1, sum(self.words))
+
+    @property
+    def cer(self) -> float:
+        return sum(self.char_errors) / max(1, sum(self.chars))
+
+    def extend(self, other: "Scores") -> None:
+        self.ids += other.ids
+        self.word_errors += other.word_errors
+        self.words += other.words
+        self.char_errors += other.char_errors
+        self.chars += other.chars
+        self.references += other.references
+        self.hypotheses += other.hypotheses
+
+    @classmethod
+    def empty(cls) -> "Scores":
+        return cls([], [], [], [], [], [], [])
+
+
+def _errors_per_utterance(alignments) -> list[int]:
+    out = []
+    for chunks in alignments:
+        n = 0
+        for c in chunks:
+            if c.type in ("substitute", "delete"):
+                n += c.ref_end_idx - c.ref_start_idx
+            elif c.type == "insert":
+                n += c.hyp_end_idx - c.hyp_start_idx
+        out.append(n)
+    return out
+
+
+def score(ids: Sequence[str], references: Sequence[str], hypotheses: Sequence[str]) -> Scores:
+    """Word and character errors per utterance (jiwer alignments), after :func:`normalize_text`."""
+    if not (len(ids) == len(references) == len(hypotheses)):
+        raise ValueError(f"score: {len(ids)} ids, {len(references)} references, {len(hypotheses)} hypotheses")
+    if not ids:
+        return Scores.empty()
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    words = jiwer.process_words(refs, hyps)
+    chars = jiwer.process_characters(refs, hyps)
+    return Scores(
+        ids=list(ids),
+        word_errors=_errors_per_utterance(words.alignments),
+        words=[len(r.split()) for r in refs],
+        char_errors=_errors_per_utterance(chars.alignments),
+        chars=[len(r) for r in refs],
+        references=refs,
+        hypotheses=hyps,
+    )
+
+
+def bootstrap_wer_ci(
+    word_errors: Sequence[int], words: Sequence[int], *, samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of corpus WER.
+
+    Each resample draws as many utterances as there are, with replacement, and computes
+    ``sum(errors) / sum(words)`` over the draw (Bisani and Ney, 2004).
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` with no utterances or ``samples == 0``.
+    """
+    errors = np.asarray(word_errors, dtype=np.float64)
+    lengths = np.asarray(words, dtype=np.float64)
+    n = errors.shape[0]
+    if n == 0 or samples <= 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    wers = np.empty(samples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // n)  # bound the (chunk, n) index matrix
+    for start in range(0, samples, chunk):
+        stop = min(samples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        wers[start:stop] = errors[idx].sum(axis=1) / np.maximum(lengths[idx].sum(axis=1), 1.0)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(wers, [alpha, 1.0 - alpha])
+    return (float(low), float(high))
