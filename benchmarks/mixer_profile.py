@@ -348,7 +348,7 @@ def plot(results: list[dict[str, Any]], key: str, path: Path, env: dict[str, Any
     passes = [p for p in PASSES if any(r["pass"] == p for r in results)]
     names = sorted({r[key] for r in results})
     clock = results[0].get("clock", "wall")
-    fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(passes), figsize=(max(8, 6 * len(passes)), 8), squeeze=False)
     titles = {"fwd": "forward (inference)", "fwdbwd": "forward + backward"}
     for col, pass_ in enumerate(passes):
         for name in names:
@@ -374,7 +374,7 @@ def plot(results: list[dict[str, Any]], key: str, path: Path, env: dict[str, Any
         f"encoder {args.preset}, scope {args.scope}" if args.encoder else f"mixers, d {args.model_dim}"
     )
     threads = results[0].get("threads")
-    fig.suptitle(f"{what}, batch {args.batch}, {args.dtype}, {env['device']} ({env.get('gpu', env['cpu'])}, "
+    fig.suptitle(f"{what}, batch {args.batch}, {args.dtype}\n{env['device']} ({env.get('gpu', env['cpu'])}, "
                  f"{threads} thread(s) per measurement)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
