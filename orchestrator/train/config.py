@@ -352,8 +352,8 @@ def _demo_run() -> dict[str, Any]:
     """The embedded sweep setting: ``tiny`` models with budgets that fit several trials into
     minutes on a laptop CPU (the shipped search spaces default to it)."""
     run = _tiny_run()
-    run["pretrain"].update({"steps": 150, "warmup_steps": 50, "checkpoint_every": 50, "log_every": 10})
-    run["finetune"].update({"steps": 200, "warmup_steps": 50, "eval_every": 100, "checkpoint_every": 100, "log_every": 10})
+    run["pretrain"].update({"steps": 60, "warmup_steps": 20, "checkpoint_every": 30, "log_every": 10})
+    run["finetune"].update({"steps": 100, "warmup_steps": 20, "eval_every": 50, "checkpoint_every": 50, "log_every": 10})
     run["eval"] = {"decoder": "greedy", "bootstrap_samples": 200}
     run["output_dir"] = "runs/demo"
     return run
