@@ -67,7 +67,7 @@ def test_make_config_matches_other_plans_to_the_budget() -> None:
 def test_cli_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--preset", "base"]) == 0
     table = capsys.readouterr().out
-    assert "12xmha_relpos d576" in table and "12xpom d488" in table and "pretrain" in table
+    assert "12xmha_relpos d576" in table and "12xpom(k2,D2) d488" in table and "pretrain" in table
     assert main(["--preset", "tiny", "--plan", "pom", "--attention-layers", "1", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["plan"] == "1xmha_relpos+3xpom" and result["counts"]["pretrain"] > 0
