@@ -70,7 +70,7 @@ def test_cli_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "12xmha_relpos d576" in table and "12xpom(k2,D2) d488" in table and "pretrain" in table
     assert main(["--preset", "tiny", "--plan", "pom", "--attention-layers", "1", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["plan"] == "1xmha_relpos+3xpom" and result["counts"]["pretrain"] > 0
+    assert result["plan"] == "1xmha_relpos+3xpom(k2,D2)" and result["counts"]["pretrain"] > 0
     assert main(["--preset", "base", "--plan", "pom", "--target", "60e6", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert abs(result["counts"]["pretrain"] - 60e6) / 60e6 < 0.02
