@@ -58,6 +58,15 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not torch.cuda.is_available() and ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
 class _Timer:
     def __enter__(self):
         self.wall, self.cpu, self.load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
@@ -76,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-learning", help="fresh folder for the runs")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--skip-random", action="store_true", help="skip the random-init baseline")
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="training precision; auto = bf16 autocast where the CPU has native bf16 (AMX or AVX512-BF16), else fp32",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
+    precision = args.precision if args.precision != "auto" else ("bf16" if _cpu_has_bf16() else "fp32")
+    args.overrides = [f"pretrain.precision={precision}", f"finetune.precision={precision}", *args.overrides]
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} exists and is not empty; pass a fresh --out", file=sys.stderr)
@@ -112,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dim": pre_config.model.encoder.model_dim,
         "parameters": None,
         "threads": args.threads,
+        "precision": precision,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "corpus_seconds": round(corpus.wall, 1),
