@@ -3,6 +3,7 @@ metric reduction across processes, DDP, and (slow) learning end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -37,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pretrain_finetune_evaluate_in_one_process(small_corpus: Path, tmp_path: Path) -> None:
     config = run_config_from_dict(
         micro_run_dict(small_corpus, tmp_path / "run", tmp_path / "cache",
-                       finetune={"freeze_encoder_steps": 1}, eval={"decoder": "beam", "beam_size": 4})
+                       finetune={"freeze_encoder_steps": 1},
+                       eval={"decoder": "beam", "beam_size": 4, "lexicon_from_train": True})
     )
     reports: list = []
     report = lambda metrics, checkpoint_dir: reports.append((metrics, checkpoint_dir))  # noqa: E731
@@ -76,6 +78,11 @@ def test_pretrain_finetune_evaluate_in_one_process(small_corpus: Path, tmp_path:
     saved = json.loads((run / "eval" / "results.json").read_text())
     assert saved["subsets"]["test-clean"]["wer"] == test["wer"]
     assert len((run / "eval" / "test-clean.tsv").read_text().splitlines()) == 1 + 8
+    # lexicon-constrained decoding: only words of the training transcripts come out
+    lexicon = {line.split("\t")[0] for line in (run / "eval" / "lexicon.txt").read_text().splitlines()}
+    assert "THE" in lexicon and result["lexicon"] == "train"
+    for line in (run / "eval" / "test-clean.tsv").read_text().splitlines()[1:]:
+        assert set(line.split("\t")[4].split()) <= lexicon
     assert reports[0][0]["test-clean/wer"] == test["wer"]
 
 
@@ -89,14 +96,16 @@ def test_bpe_finetuning_and_beam_search(small_corpus: Path, tmp_path: Path) -> N
     config = run_config_from_dict(micro_run_dict(
         small_corpus, tmp_path / "run", tmp_path / "cache",
         finetune={"init": "random", "tokenizer": "bpe", "vocab_size": 40, "steps": 2, "eval_every": 2},
-        eval={"decoder": "beam", "beam_size": 4},
+        eval={"decoder": "beam", "beam_size": 4, "lexicon_from_train": True},
     ))
     ft = finetune(config)
     assert ft["complete"]
     tok = json.loads((Path(ft["checkpoint"]) / "tokenizer" / "tokenizer.json").read_text())
     assert tok["kind"] == "bpe" and tok["vocab_size"] == 40
-    result = evaluate_run(config)
-    assert result["subsets"]["test-clean"]["utterances"] == 8
+    with_lexicon = evaluate_run(config)  # the lexicon spells each training word in BPE pieces
+    assert with_lexicon["subsets"]["test-clean"]["utterances"] == 8 and with_lexicon["lexicon"] == "train"
+    lexicon_free = evaluate_run(dataclasses.replace(config, eval=dataclasses.replace(config.eval, lexicon_from_train=False)))
+    assert lexicon_free["lexicon"] is None and lexicon_free["subsets"]["test-clean"]["words"] > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,31 @@ class BeamSearchDecoder:
         return texts
 
 
+def write_lexicon(texts: Sequence[str], tokenizer, path: str | os.PathLike) -> int:
+    """Write a lexicon of every word in ``texts`` for :class:`BeamSearchDecoder`.
+
+    One line per word: ``WORD<TAB>spelling``; characters are spelled letter by letter and end
+    with the word separator ``|``, sentencepiece words are spelled with their pieces.
+
+    Returns:
+        The number of words.
+    """
+    words = sorted({w for text in texts for w in normalize_text(text).split()})
+    lines = []
+    for word in words:
+        if tokenizer.kind == "char":
+            spelling = " ".join("|" if s == " " else s for s in word) + " |"
+        else:
+            spelling = " ".join(tokenizer.pieces()[i] for i in tokenizer.encode(word))
+        lines.append(f"{word}\t{spelling}")
+    data = ("\n".join(lines) + "\n").encode()
+    handle = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(os.path.abspath(path)), delete=False)
+    with handle:
+        handle.write(data)
+    os.replace(handle.name, path)
+    return len(words)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring
 

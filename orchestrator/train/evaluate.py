@@ -3,7 +3,8 @@
     evaluate_run(config, report=...)
       -> the newest fine-tuning checkpoint (or ``checkpoint=``): model config, weights, tokenizer
       -> per test subset: this rank's share decoded with torchaudio's CTC beam search
-         (lexicon-free, optional KenLM n-gram), hypotheses gathered from all ranks
+         (lexicon-free, or constrained to a lexicon, e.g. the training words; optional KenLM
+         n-gram), hypotheses gathered from all ranks
       -> WER, CER and a 95% bootstrap interval of WER per subset (resampling utterances)
       -> ``<output_dir>/eval/results.json`` and ``<subset>.tsv`` (id, reference, hypothesis)
 
@@ -22,11 +23,11 @@ from models.ctc import CTCModel
 from orchestrator.data.tokenizers import load_tokenizer
 from orchestrator.train.checkpoint import atomic_write_bytes, latest_checkpoint, load_state
 from orchestrator.train.config import RunConfig
-from orchestrator.train.data import ensure_corpus
-from orchestrator.train.decoding import BeamSearchDecoder, Scores, bootstrap_wer_ci
+from orchestrator.train.data import ensure_corpus, load_utterances
+from orchestrator.train.decoding import BeamSearchDecoder, Scores, bootstrap_wer_ci, write_lexicon
 from orchestrator.train.finetune import TOKENIZER_DIR, eval_loaders, evaluate
 from orchestrator.train.loop import write_json
-from orchestrator.train.runtime import Report, Runtime, all_gather_objects, log
+from orchestrator.train.runtime import Report, Runtime, all_gather_objects, barrier, log
 
 STAGE = "eval"
 
@@ -43,7 +44,7 @@ def load_finetuned(checkpoint: Path, runtime: Runtime) -> tuple[CTCModel, Any, d
     return model, tokenizer, {**state.get("meta", {}), "step": int(state["step"])}
 
 
-def make_decoder(config: RunConfig, tokenizer):
+def make_decoder(config: RunConfig, tokenizer, runtime: Runtime | None = None):
     """The test decoder of ``config.eval``: ``None`` for greedy, else a :class:`BeamSearchDecoder`."""
     ec = config.eval
     if ec.decoder == "greedy":
@@ -52,12 +53,21 @@ def make_decoder(config: RunConfig, tokenizer):
         path = getattr(ec, name)
         if path is not None and not Path(path).is_file():
             raise ValueError(f"eval.{name}: {path} does not exist")
+    lexicon = ec.lexicon_path
+    if ec.lexicon_from_train:
+        lexicon = str(Path(config.output_dir) / STAGE / "lexicon.txt")
+        if runtime is None or runtime.is_main:
+            Path(lexicon).parent.mkdir(parents=True, exist_ok=True)
+            texts = [u.text for u in load_utterances(config.data, config.data.train_subsets)]
+            count = write_lexicon(texts, tokenizer, lexicon)
+            log.info("lexicon of %d training words -> %s", count, lexicon)
+        barrier()
     return BeamSearchDecoder(
         tokenizer,
         beam_size=ec.beam_size,
         beam_threshold=ec.beam_threshold,
         lm_path=ec.lm_path,
-        lexicon_path=ec.lexicon_path,
+        lexicon_path=lexicon,
         lm_weight=ec.lm_weight,
         word_score=ec.word_score,
     )
@@ -92,8 +102,8 @@ def evaluate_run(
         checkpoint = found
     checkpoint = Path(checkpoint)
     model, tokenizer, meta = load_finetuned(checkpoint, runtime)
-    decoder = make_decoder(config, tokenizer)
     ensure_corpus(config.data)
+    decoder = make_decoder(config, tokenizer, runtime)
     subsets = tuple(subsets or config.data.test_subsets)
     loaders = eval_loaders(config, subsets, tokenizer, runtime, ec.max_batch_seconds)
 
@@ -129,6 +139,7 @@ def evaluate_run(
         "decoder": ec.decoder,
         "beam_size": ec.beam_size if ec.decoder == "beam" else None,
         "lm_path": ec.lm_path,
+        "lexicon": ec.lexicon_path or ("train" if ec.lexicon_from_train else None),
         "bootstrap_samples": ec.bootstrap_samples,
         "subsets": results,
     }
