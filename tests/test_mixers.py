@@ -305,6 +305,33 @@ def test_matches_naive_reference(name, options):
             torch.testing.assert_close(y[b, :length], torch.stack(ref), atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("pad_mean", ["masked", "all"])
+@pytest.mark.parametrize("degree", [1, 2, 3])
+@pytest.mark.parametrize("t", [5, 40])  # t < d: gating product; t >= d: state folded into W_out
+def test_pom_training_and_chunked_inference_paths_match_reference(t, degree, pad_mean, monkeypatch):
+    """PoM's autograd path and its chunked, in-place inference path both equal the equations."""
+    from models.mixers.pom import PolynomialMixer
+
+    monkeypatch.setattr(PolynomialMixer, "inference_chunk", 7)  # several chunks, a ragged last one
+    m = make("pom", model_dim=12, degree=degree, expand=2, pad_mean=pad_mean, dtype=torch.float64).eval()
+    lengths = [t, t // 2, 1]
+    x, mask = padded_batch(lengths, t=t, d=12, dtype=torch.float64)
+    x.requires_grad_(True)
+    trained = m(x, mask)  # autograd path
+    assert trained.requires_grad
+    with torch.inference_mode():
+        inferred = m(x, mask)
+    for b, length in enumerate(lengths):
+        ref = torch.stack(NAIVE["pom"](m, x[b].detach(), length, t))
+        torch.testing.assert_close(trained[b, :length].detach(), ref, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(inferred[b, :length], ref, atol=1e-10, rtol=1e-9)
+    (trained.masked_fill(mask[..., None], 0.0) ** 2).sum().backward()
+    x_ref = x.detach().requires_grad_(True)
+    sum((torch.stack(NAIVE["pom"](m, x_ref[b], length, t)) ** 2).sum() for b, length in enumerate(lengths)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-9, rtol=1e-8)
+    assert torch.isfinite(x.grad).all() and x.grad[mask].abs().sum() == 0
+
+
 @pytest.mark.parametrize("name", ["mha", "mha_relpos", "mha_rope"])
 def test_attention_zeroes_padded_frames(name):
     m = make(name).eval()

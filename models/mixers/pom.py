@@ -102,6 +102,26 @@ class _PoMBase(TokenMixer):
         return f"model_dim={self.model_dim}, degree={self.degree}, expand={self.expand}, pad_mean={self.pad_mean!r}"
 
 
+def time_mean_weights(valid: torch.Tensor, dtype: torch.dtype, pad_mean: str = "masked") -> torch.Tensor:
+    """``(b, 1, t)`` weights whose product with ``(b, t, c)`` features is their time mean.
+
+    ``valid / count`` per frame (``"masked"``) or ``1 / t`` everywhere (``"all"``); each term is at
+    most 1, so the product stays finite in fp16 where a sum of thousands of frames would not.
+    """
+    if pad_mean == "all":
+        return torch.full((valid.shape[0], 1, valid.shape[1]), 1.0 / max(1, valid.shape[1]), dtype=dtype, device=valid.device)
+    count = valid.sum(dim=1, keepdim=True).clamp_min(1)  # (b, 1); empty utterance -> 0 state
+    return (valid.to(dtype) / count.to(dtype)).unsqueeze(1)
+
+
+# In-place GELU (no public functional form; the out-of-place one where it is missing).
+_gelu_ = getattr(torch._C._nn, "gelu_", F.gelu)
+
+
+def _needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 class PolynomialMixer(_PoMBase):
     """Polynomial Mixer (PoM), the paper's linear-complexity replacement for self-attention.
 
@@ -113,7 +133,18 @@ class PolynomialMixer(_PoMBase):
         state = mean_t H                         over real frames ("masked") or all frames ("all")
         y     = LayerNorm(out(sigmoid(se(x)) * state))   se: Linear(d, w), out: Linear(w, d)
 
-    Time and memory are linear in ``t``: no ``t x t`` tensor is ever built.
+    Time and memory are linear in ``t``: no ``t x t`` tensor is ever built. Two implementations
+    of these equations (equal to ~1e-6, tested against a naive reference):
+
+    - with autograd: the time mean is a product ``(valid / count) @ H_i`` per cumulative product
+      (no concatenated or masked ``(b, t, w)`` copy), and when ``t >= d`` the state is folded
+      into a per-utterance output weight, ``out(g * state) = g @ (W_out * state)^T + b_out``
+      (a ``b x d x w`` weight instead of a ``b x t x w`` gating product);
+    - without autograd (``torch.no_grad``/``inference_mode``): the same in two passes over time
+      chunks of ``inference_chunk`` frames (the state, then the output), GELU, products and
+      sigmoid in place: nothing of size ``t x w`` is allocated and the elementwise work runs on
+      cache-resident data (``benchmarks/pom_roofline.py``: within 1.25x of the three matrix
+      products alone).
 
     Args:
         model_dim: ``d``.
@@ -122,6 +153,9 @@ class PolynomialMixer(_PoMBase):
         bias: whether ``po``, ``se`` and ``out`` have biases (default True).
         pad_mean: ``"masked"`` (default) or ``"all"``, see :func:`masked_time_mean`.
     """
+
+    inference_chunk: ClassVar[int] = 1024
+    """Frames per time chunk of the inference path."""
 
     def __init__(
         self,
@@ -150,11 +184,57 @@ class PolynomialMixer(_PoMBase):
             ``(b, t, d)`` output.
         """
         padding_mask = self.check_inputs(x, padding_mask)
-        valid = ~padding_mask
         x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        h = polynomial_features(F.gelu(self.po(x)), self.degree)  # (b, t, w)
-        state = masked_time_mean(h, valid, self.pad_mean)  # (b, 1, w)
-        return self.norm(self.out(torch.sigmoid(self.se(x)) * state))  # (b, t, d)
+        weights = time_mean_weights(~padding_mask, x.dtype, self.pad_mean)  # (b, 1, t)
+        if x.shape[1] > 0 and not _needs_autograd(self, x):
+            return self.norm(self._forward_chunked(x, weights))
+        feats = self._features(self.po(x), inplace=False)  # k x (b, t, e*d)
+        state = torch.cat([torch.matmul(weights.to(f.dtype), f) for f in feats], dim=-1)  # (b, 1, w)
+        del feats
+        return self.norm(self._output(self.se(x), state, inplace=False))  # (b, t, d)
+
+    def _features(self, p: torch.Tensor, *, inplace: bool) -> list[torch.Tensor]:
+        """GELU, then the cumulative products of the k chunks: (b, t, w) -> k x (b, t, w/k)."""
+        if inplace:
+            chunks = _gelu_(p).chunk(self.degree, dim=-1)
+            for i in range(1, self.degree):
+                chunks[i].mul_(chunks[i - 1])  # g_1 * ... * g_i, in place
+            return list(chunks)
+        g = F.gelu(p).chunk(self.degree, dim=-1)
+        out = [g[0]]
+        for gi in g[1:]:
+            out.append(out[-1] * gi)
+        return out
+
+    def _output(self, s: torch.Tensor, state: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        """out(sigmoid(s) * state): (b, t, w), (b, 1, w) -> (b, t, d)."""
+        gate = torch.sigmoid_(s) if inplace else torch.sigmoid(s)
+        if s.shape[1] < self.model_dim:  # a folded b x w x d weight would be larger than the gating product
+            return self.out(gate * state.to(gate.dtype))
+        weight = (self.out.weight.unsqueeze(0) * state.to(self.out.weight.dtype)).transpose(1, 2)  # (b, w, d)
+        weight = weight.to(gate.dtype)
+        if self.out.bias is None:
+            return torch.bmm(gate, weight)
+        return torch.baddbmm(self.out.bias.to(gate.dtype), gate, weight)
+
+    def _forward_chunked(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inference path: two passes over time chunks; returns the output before the LayerNorm."""
+        step = self.inference_chunk
+        acc = torch.promote_types(x.dtype, torch.float32)
+        state: torch.Tensor | None = None  # accumulated in at least float32
+        for start in range(0, x.shape[1], step):  # pass 1: the state
+            sl = slice(start, start + step)
+            feats = self._features(self.po(x[:, sl]), inplace=True)
+            part = torch.cat([torch.matmul(weights[..., sl].to(f.dtype), f) for f in feats], dim=-1).to(acc)
+            state = part if state is None else state.add_(part)
+        y: torch.Tensor | None = None
+        for start in range(0, x.shape[1], step):  # pass 2: the output
+            sl = slice(start, start + step)
+            out = self._output(self.se(x[:, sl]), state, inplace=True)
+            if y is None:
+                y = out.new_empty(x.shape[0], x.shape[1], self.model_dim)
+            y[:, sl] = out
+        return y
 
 
 class SelectPolynomialMixer(_PoMBase):
@@ -277,6 +357,7 @@ __all__ = [
     "SelectPolynomialMixer",
     "SplitPolynomialMixer",
     "masked_time_mean",
+    "time_mean_weights",
     "polynomial_features",
     "polynomial_features_general",
 ]
