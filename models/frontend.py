@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
@@ -199,6 +200,10 @@ class GlobalNormalizer(nn.Module):
         return x.masked_fill(pad.unsqueeze(-1), 0.0)
 
 
+def _needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 class _ConvBlock(nn.Module):
     """Conv2d 3x3 stride 2 -> LayerNorm over channels -> LeakyReLU -> Dropout, on ``(b, c, t, n)``."""
 
@@ -209,10 +214,31 @@ class _ConvBlock(nn.Module):
         self.activation = nn.LeakyReLU()
         self.dropout = nn.Dropout(dropout_p)
 
+    inference_chunk: int = 256
+    """Frames per LayerNorm chunk of the in-place inference path."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not _needs_autograd(self, x):
+            return self._forward_inference(x)
         x = self.conv(x).permute(0, 2, 3, 1)  # (b, t, n, c): LayerNorm normalises channels
         x = self.dropout(self.activation(self.norm(x)))
         return x.permute(0, 3, 1, 2)  # (b, c, t, n)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same maths in the conv output's own memory (the front-end is the peak at 80 s).
+
+        The convolution writes channels-last, so ``(b, t, n, c)`` is a contiguous view of its
+        output; LayerNorm runs over time chunks written back in place and LeakyReLU is in place:
+        one block holds one ``(b, c, t, n)`` activation instead of three.
+        """
+        y = self.conv(x.contiguous(memory_format=torch.channels_last))
+        z = y.permute(0, 2, 3, 1)  # (b, t, n, c)
+        if not z.is_contiguous():  # a backend that ignored channels-last
+            z = z.contiguous()
+        for start in range(0, z.shape[1], self.inference_chunk):
+            part = z[:, start : start + self.inference_chunk]
+            part.copy_(self.norm(part))
+        return F.leaky_relu_(z, self.activation.negative_slope).permute(0, 3, 1, 2)  # (b, c, t, n)
 
 
 class ConvSubsampling(nn.Module):
@@ -273,7 +299,10 @@ class ConvSubsampling(nn.Module):
             x = block(x)  # (b, c, t/2, n/2)
             lengths = torch.div(lengths + 1, 2, rounding_mode="floor")
             pad = lengths_to_padding_mask(lengths, x.shape[2])
-            x = x.masked_fill(pad[:, None, :, None], 0.0)
+            if x.requires_grad:
+                x = x.masked_fill(pad[:, None, :, None], 0.0)
+            else:  # inference: the block's output is ours to overwrite
+                x.masked_fill_(pad[:, None, :, None], 0.0)
         x = x.transpose(1, 2).flatten(2)  # (b, t', c * n'): channel-major flatten
         x = self.proj(x).masked_fill(pad.unsqueeze(-1), 0.0)  # (b, t', d)
         return x, lengths

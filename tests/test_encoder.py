@@ -134,6 +134,30 @@ def test_conv_subsampling_padding_invariance() -> None:
         assert torch.all(y[i, oi[0] :] == 0)
 
 
+def test_conv_subsampling_inference_path_equals_autograd_path(monkeypatch) -> None:
+    """Without autograd the blocks run channels-last, LayerNorm in chunks in place: same output."""
+    from models.frontend import _ConvBlock
+
+    monkeypatch.setattr(_ConvBlock, "inference_chunk", 3)  # several chunks, a ragged last one
+    calls = []
+    original = _ConvBlock._forward_inference
+    monkeypatch.setattr(_ConvBlock, "_forward_inference", lambda self, x: calls.append(1) or original(self, x))
+    sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1).eval()
+    x, lengths = _padded_batch([13, 9, 6, 1], 16)
+    trained, out = sub(x, lengths)  # autograd path (parameters require grad)
+    assert trained.requires_grad and not calls
+    with torch.inference_mode():
+        inferred, out_i = sub(x, lengths)
+    assert len(calls) == 2
+    torch.testing.assert_close(inferred, trained.detach(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(out, out_i)
+    for i, n in enumerate(lengths.tolist()):  # padding invariance holds on this path too
+        with torch.no_grad():
+            yi, oi = sub(x[i : i + 1, :n], lengths[i : i + 1])
+        torch.testing.assert_close(yi[0], inferred[i, : oi[0]], atol=1e-6, rtol=0)
+        assert torch.all(inferred[i, oi[0] :] == 0)
+
+
 def test_sinusoidal_positions_table() -> None:
     table = sinusoidal_positions(5, 6)
     assert table.shape == (5, 6)
