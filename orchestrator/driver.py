@@ -203,7 +203,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.report import write_report
+    from orchestrator.report import mark_stopped_trials, write_report
     from orchestrator.spec import define_by_run, make_sampler
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
     from orchestrator.trial import TrialContext, trial_driver
@@ -302,7 +302,8 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         kwargs = {"param_space": param_space} if param_space is not None else {}
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config, **kwargs)
     try:
-        tuner.fit()
+        results = tuner.fit()
+        mark_stopped_trials(tracker, parent, results, metrics, type(scheduler).__name__.replace("Scheduler", ""))
     finally:
         rows = write_report(tracker, parent, sweep_dir, objectives=list(zip(metrics, modes)))
     done = [r for r in rows if r.get("status") == "FINISHED"]

@@ -30,14 +30,51 @@ def collect_rows(tracker, parent_run_id: str) -> list[dict[str, Any]]:
         rows.append({
             "run_id": run.info.run_id,
             "trial": data.tags.get("trial_key", run.info.run_name),
-            "status": run.info.status,
+            "status": "STOPPED" if run.info.status == "KILLED" and STOPPED_TAG in data.tags else run.info.status,
             "plan": data.tags.get("layer_plan", "?"),
-            "reason": data.tags.get("failure_reason", ""),
+            "reason": data.tags.get("failure_reason", "") or data.tags.get(STOPPED_TAG, ""),
             "sampled": sampled,
             "metrics": dict(data.metrics),
             "pretrain_reused": data.tags.get("pretrain_reused", ""),
         })
     return rows
+
+
+STOPPED_TAG = "stopped_early"
+
+
+def mark_stopped_trials(tracker, parent_run_id: str, results, objectives: Sequence[str], scheduler: str) -> list[str]:
+    """Close the MLflow runs of trials the scheduler stopped early (call after ``Tuner.fit`` returns).
+
+    A trial stopped by ASHA never reaches its own end: its run would stay ``RUNNING`` forever.
+    Every child run still ``RUNNING`` once Tune is done gets the last objective values Tune saw
+    (``results``: the ``ResultGrid``), a ``stopped_early`` tag naming the scheduler and the
+    iteration, and the status ``KILLED``; the report lists it as ``STOPPED``.
+
+    Returns:
+        The trial keys marked.
+    """
+    from orchestrator.tracking import TRIAL_KEY_TAG
+
+    last: dict[str, dict[str, Any]] = {}
+    for result in results or []:
+        metrics = getattr(result, "metrics", None) or {}
+        if metrics.get("trial_id"):
+            last[str(metrics["trial_id"])] = metrics
+    marked = []
+    for run in tracker.children(parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        key = run.data.tags.get(TRIAL_KEY_TAG, "")
+        metrics = last.get(key.rsplit("/", 1)[-1], {})
+        values = {m: float(metrics[m]) for m in objectives if isinstance(metrics.get(m), (int, float)) and math.isfinite(metrics[m])}
+        if values:
+            tracker.log_metrics(run.info.run_id, values, step=int(metrics.get("finetune_step", 0) or 0))
+        iteration = metrics.get("training_iteration")
+        tracker.set_tags(run.info.run_id, {STOPPED_TAG: f"{scheduler} at iteration {iteration}" if iteration else scheduler})
+        tracker.finish(run.info.run_id, "KILLED")
+        marked.append(key)
+    return marked
 
 
 def _num(value: Any) -> float:
@@ -160,11 +197,13 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, metric)
     finished = sum(r["status"] == "FINISHED" for r in rows)
+    stopped = sum(r["status"] == "STOPPED" for r in rows)
     failed = [r for r in rows if r["status"] == "FAILED"]
     text = [
         f"# Sweep report ({parent_run_id})",
         "",
-        f"Objective: {metric} ({mode}). Trials: {len(rows)} ({finished} finished, {len(failed)} failed).",
+        f"Objective: {metric} ({mode}). Trials: {len(rows)} ({finished} finished, {stopped} stopped early, "
+        f"{len(failed)} failed).",
         "",
         table,
         "",

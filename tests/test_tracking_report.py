@@ -73,3 +73,28 @@ def test_report_from_mlflow(tracker, tmp_path):
     artifacts = {a.path for a in tracker.client.list_artifacts(parent, "report")}
     assert "report/report.md" in artifacts
     assert "| 1 |" in markdown_table(sort_rows(rows, "dev_wer", "min"), "dev_wer")
+
+
+def test_trials_stopped_early_are_closed_with_their_last_objective(tracker, tmp_path):
+    """ASHA stops a trial from outside: its run must not stay RUNNING, and keeps the WER Tune saw."""
+    from types import SimpleNamespace
+
+    from orchestrator.report import mark_stopped_trials
+
+    parent = tracker.sweep_run("s", "s")
+    done = tracker.trial_run(parent, "s/aaa", "aaa")
+    tracker.log_metrics(done, {"dev_wer": 0.5})
+    tracker.finish(done, "FINISHED")
+    stopped = tracker.trial_run(parent, "s/bbb", "bbb")
+    results = [SimpleNamespace(metrics={"trial_id": "aaa", "dev_wer": 0.5, "training_iteration": 4}),
+               SimpleNamespace(metrics={"trial_id": "bbb", "dev_wer": 0.9, "finetune_step": 50, "training_iteration": 2})]
+    assert mark_stopped_trials(tracker, parent, results, ["dev_wer"], "ASHA") == ["s/bbb"]
+    run = tracker.client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.metrics["dev_wer"] == 0.9
+    assert run.data.tags["stopped_early"] == "ASHA at iteration 2"
+    assert tracker.client.get_run(done).info.status == "FINISHED"
+    assert mark_stopped_trials(tracker, parent, results, ["dev_wer"], "ASHA") == []  # idempotent
+    rows = write_report(tracker, parent, tmp_path / "report", objectives=[("dev_wer", "min")], quiet=True)
+    assert sorted(r["status"] for r in rows) == ["FINISHED", "STOPPED"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "1 stopped early" in text and "STOPPED: ASHA at iteration 2" in text
