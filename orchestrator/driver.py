@@ -99,21 +99,6 @@ def absolute_run(spec: Spec) -> dict[str, Any]:
     return run
 
 
-def _check_data(spec: Spec) -> None:
-    """Fail before any trial starts when the corpus cannot be read (missing, S3 down, bad keys)."""
-    from orchestrator.data.errors import CorpusError
-    from orchestrator.train.config import ConfigError
-    from orchestrator.train.data import ensure_corpus, load_utterances
-
-    try:
-        config = build_run_config(spec.run, {}, source=spec.source)
-        ensure_corpus(config.data)
-        for subsets in (config.data.train_subsets, config.data.dev_subsets):
-            load_utterances(config.data, tuple(subsets))
-    except (CorpusError, ConfigError) as err:
-        raise SweepError(" ".join(str(err).split())) from None
-
-
 # --------------------------------------------------------------------------------------------
 # dry run
 # --------------------------------------------------------------------------------------------
@@ -198,6 +183,10 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = None, argv: list[str] | None = None) -> int:
+    from orchestrator.preflight import preflight
+
+    data_report = preflight(spec)  # S3, MLflow, the corpus: one clear line, before Ray starts
+
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -214,7 +203,6 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         tracker = Tracker.open(uri, spec.tracking.experiment)
     except TrackingError as err:
         raise SweepError(str(err)) from None
-    _check_data(spec)
 
     if resume:
         sweep_dir = find_sweep(root, spec.sweep.name, resume)
@@ -242,6 +230,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     })
     meta["parent_run_id"] = parent
     atomic_write_json(sweep_dir / "sweep.json", meta)
+    data_report.log_to(tracker, parent, sweep_dir)
     if not resume:
         atomic_write_bytes(sweep_dir / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False).encode())
         base = build_run_config(spec.run, {}, source=spec.source)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,6 +77,20 @@ def check_tracking(uri: str, experiment: str, *, timeout_s: float = 20.0) -> str
             f"MLflow tracking store {redact_uri(uri)} is not usable ({first[:300]}); start the "
             "server or fix tracking.uri / MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db for a local file)"
         ) from None
+
+
+_URI_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]+):([^\s/@'\"]+)@")
+REDACT_SUFFIXES = (".yaml", ".yml", ".json", ".txt", ".md", ".log", ".cfg", ".toml", ".tsv", ".csv")
+MAX_REDACTED_BYTES = 16 << 20
+
+
+def redact_text(text: str) -> str:
+    """Hide the password of every ``scheme://user:password@host`` URI inside ``text``."""
+    return _URI_PASSWORD.sub(r"\1:***@", text)
+
+
+def _redacted(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    return {k: redact_text(str(v))[:5000] for k, v in (tags or {}).items()}
 
 
 def redact_uri(uri: str) -> str:
@@ -141,7 +158,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={SWEEP_ID_TAG: sweep_id, "run_kind": "sweep", **(tags or {})},
+            tags={SWEEP_ID_TAG: sweep_id, "run_kind": "sweep", **_redacted(tags)},
         )
         return run.info.run_id
 
@@ -157,7 +174,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={PARENT_TAG: parent_run_id, TRIAL_KEY_TAG: trial_key, "run_kind": "trial", **(tags or {})},
+            tags={PARENT_TAG: parent_run_id, TRIAL_KEY_TAG: trial_key, "run_kind": "trial", **_redacted(tags)},
         )
         return run.info.run_id
 
@@ -165,7 +182,7 @@ class Tracker:
         """Log flattened params once; skip identical ones; a changed value is an error."""
         from mlflow.entities import Param
 
-        flat = flatten_params(params)
+        flat = {key: redact_text(value) for key, value in flatten_params(params).items()}
         existing = self.client.get_run(run_id).data.params
         new = []
         for key, value in flat.items():
@@ -195,9 +212,24 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _redacted(tags).items()])
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        """Log a file; a text file holding a URI with a password is logged with the password hidden."""
+        if path.endswith(REDACT_SUFFIXES) and os.path.getsize(path) <= MAX_REDACTED_BYTES:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                text = handle.read()
+            clean = redact_text(text)
+            if clean != text:
+                folder = tempfile.mkdtemp(prefix="redacted-")
+                try:
+                    copy = os.path.join(folder, os.path.basename(path))
+                    with open(copy, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                        handle.write(clean)
+                    self.client.log_artifact(run_id, copy, artifact_path)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                return
         self.client.log_artifact(run_id, path, artifact_path)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:

@@ -24,6 +24,7 @@ TARGET_RATE = 16000
 # Extensions the corpus readers treat as audio; libsndfile reads all of them.
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3")
 CACHE_ENV = "POM_ABLATIONS_CACHE"
+TAIL_CHECK_FRAMES = 1024  # decoded at the end of every file when its header is read
 
 
 class AudioError(CorpusError):
@@ -82,10 +83,11 @@ def _short(exc: BaseException) -> str:
 
 
 def read_info(path: str | os.PathLike) -> AudioInfo:
-    """Read the header of a local audio file, without decoding any sample.
+    """Read the header of a local audio file, and decode only its last ``TAIL_CHECK_FRAMES`` samples.
 
     Raises:
-        AudioError: the file is missing, unreadable, empty, not audio, or holds no samples.
+        AudioError: the file is missing, unreadable, empty, not audio, holds no samples, or is
+            truncated or corrupt at its end.
     """
     try:
         size = os.stat(path).st_size
@@ -101,6 +103,16 @@ def read_info(path: str | os.PathLike) -> AudioInfo:
         raise AudioError(str(path), f"bad header (rate {info.samplerate}, {info.channels} channels)")
     if info.frames <= 0:
         raise AudioError(str(path), "no audio frames")
+    # A truncated or partly overwritten file often keeps a valid header; decoding its last
+    # samples (a seek and one small read, not the whole file) finds it before training does.
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            handle.seek(max(0, int(info.frames) - TAIL_CHECK_FRAMES))
+            tail = handle.read(TAIL_CHECK_FRAMES, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError, ValueError) as exc:
+        raise AudioError(str(path), f"truncated or corrupt: its last samples cannot be decoded ({_short(exc)})") from None
+    if tail.shape[0] == 0:
+        raise AudioError(str(path), "truncated: the header promises more samples than the file holds")
     return AudioInfo(
         frames=int(info.frames), sample_rate=int(info.samplerate), channels=int(info.channels)
     )

@@ -14,9 +14,9 @@ Layout (root is a folder or ``s3://bucket/prefix``)::
     <root>/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac   (.wav/.ogg/.mp3 too)
     <root>/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt     lines "<utt-id> TEXT"
 
-A manifest lists every usable utterance with its duration (read from the file header, never
-decoded), transcript and speaker. It is built once and cached as JSON under
-``<cache_dir>/manifests/``; a fingerprint of the corpus files (names, sizes, mtimes or ETags)
+A manifest lists every usable utterance with its duration (read from the file header; only the
+last samples are decoded, to find truncated files), transcript and speaker. It is built once
+and cached as JSON under ``<cache_dir>/manifests/``; a fingerprint of the corpus files (names, sizes, mtimes or ETags)
 is checked on every load and the manifest is rebuilt when the corpus changed. S3 objects are
 downloaded once into ``<cache_dir>/s3/`` (see ``orchestrator.data.s3``).
 
@@ -69,7 +69,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: audio whose last samples do not decode is skipped
 TRANSCRIPT_SUFFIX = ".trans.txt"
 LAYOUT = "<root>/<subset>/<speaker>/<chapter>/<spk>-<chap>-<utt>.flac with <spk>-<chap>.trans.txt"
 MAX_LOGGED_SKIPS = 50
