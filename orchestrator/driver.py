@@ -1,6 +1,7 @@
 """The sweep: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial.trial_driver`.
 
-Storage layout (``storage.path``)::
+Storage layout (``storage.path``: a folder, or ``s3://bucket/prefix`` with every file below as an
+object; see :mod:`orchestrator.storage`)::
 
     sweeps/<sweep_id>/sweep.json        name, id, MLflow parent run id, spec fingerprint
     sweeps/<sweep_id>/spec.yaml         the spec as run (after --set)
@@ -12,7 +13,6 @@ Storage layout (``storage.path``)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from orchestrator.spec import Spec, build_run_config, count_trials, grid, sample_preview
-from orchestrator.train.checkpoint import atomic_write_bytes, atomic_write_json
+from orchestrator.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,12 @@ class SweepError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def storage_root(spec: Spec) -> Path:
-    path = spec.storage.path
-    if path.startswith("s3://"):
-        raise SweepError(
-            f"{spec.source}: storage.path={path}: s3:// storage is not supported by this version yet; "
-            "use a local or shared folder (e.g. runs)"
-        )
-    return Path(path).expanduser().resolve()
+def storage_root(spec: Spec) -> Storage:
+    """The sweep's storage: ``storage.path`` as a folder or ``s3://bucket/prefix``."""
+    try:
+        return open_storage(spec.storage.path)
+    except StorageError as err:
+        raise SweepError(f"{spec.source}: storage.path={spec.storage.path}: {err}") from None
 
 
 def git_commit() -> str:
@@ -64,19 +62,19 @@ def _objectives(spec: Spec) -> tuple[list[str], list[str]]:
     return [o.metric for o in spec.objectives], [o.mode for o in spec.objectives]
 
 
-def find_sweep(root: Path, name: str, sweep_id: str) -> Path | None:
-    sweeps = root / "sweeps"
+def find_sweep(storage: Storage, name: str, sweep_id: str) -> str | None:
+    """The folder (relative to the storage) of sweep ``sweep_id``, or of the newest sweep ``name``."""
     if sweep_id != "latest":
-        folder = sweeps / sweep_id
-        return folder if (folder / "sweep.json").is_file() else None
+        rel = f"sweeps/{sweep_id}"
+        return rel if storage.exists(f"{rel}/sweep.json") else None
     found = []
-    for meta in sweeps.glob("*/sweep.json"):
+    for folder in storage.list_dirs("sweeps"):
         try:
-            data = json.loads(meta.read_text())
-        except (OSError, ValueError):
+            data = storage.read_json(f"sweeps/{folder}/sweep.json")
+        except StorageError:
             continue
-        if data.get("name") == name:
-            found.append((data.get("created", 0), meta.parent))
+        if data and data.get("name") == name:
+            found.append((data.get("created", 0), f"sweeps/{folder}"))
     return max(found)[1] if found else None
 
 
@@ -197,7 +195,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
     from orchestrator.trial import TrialContext, trial_driver
 
-    root = storage_root(spec)
+    storage = storage_root(spec)  # StorageError later on: one line from the CLI (orchestrator.sweep)
     uri = spec.tracking.uri or default_tracking_uri()
     try:
         tracker = Tracker.open(uri, spec.tracking.experiment)
@@ -205,48 +203,51 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         raise SweepError(str(err)) from None
 
     if resume:
-        sweep_dir = find_sweep(root, spec.sweep.name, resume)
-        if sweep_dir is None:
-            raise SweepError(f"no sweep {resume!r} named {spec.sweep.name!r} under {root / 'sweeps'} to resume; run without --resume")
-        meta = json.loads((sweep_dir / "sweep.json").read_text())
+        sweep_rel = find_sweep(storage, spec.sweep.name, resume)
+        if sweep_rel is None:
+            raise SweepError(f"no sweep {resume!r} named {spec.sweep.name!r} under {storage.describe('sweeps')} to resume; "
+                             "run without --resume")
+        meta = storage.read_json(f"{sweep_rel}/sweep.json") or {}
         if meta.get("fingerprint") != spec.fingerprint():
             print(f"warning: the spec changed since sweep {meta['sweep_id']} started; resuming with the original trials",
                   file=sys.stderr)
     else:
         sweep_id = f"{spec.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir = root / "sweeps" / sweep_id
-        while sweep_dir.exists():
+        while storage.has_prefix(f"sweeps/{sweep_id}") or storage.local(f"sweeps/{sweep_id}").exists():
             time.sleep(1.0)
             sweep_id = f"{spec.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            sweep_dir = root / "sweeps" / sweep_id
-        sweep_dir.mkdir(parents=True)
+        sweep_rel = f"sweeps/{sweep_id}"
         meta = {"name": spec.sweep.name, "sweep_id": sweep_id, "created": time.time(),
                 "fingerprint": spec.fingerprint(), "source": spec.source}
     sweep_id = meta["sweep_id"]
     command = " ".join(shlex.quote(a) for a in (argv or sys.argv))
     parent = tracker.sweep_run(sweep_id, sweep_id, tags={
         "sweep_name": spec.sweep.name, "git_commit": git_commit(), "command": command[:4000],
-        "storage": str(root), "objective": spec.sweep.objective.metric,
+        "storage": storage.uri, "objective": spec.sweep.objective.metric,
     })
     meta["parent_run_id"] = parent
-    atomic_write_json(sweep_dir / "sweep.json", meta)
+    # The sweep's working folder: the storage itself, or (S3) this node's copy that the report,
+    # the spec and the data log are written to before they are uploaded / logged to MLflow.
+    sweep_dir = storage.local(sweep_rel)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_json(f"{sweep_rel}/sweep.json", meta)
     data_report.log_to(tracker, parent, sweep_dir)
     if not resume:
-        atomic_write_bytes(sweep_dir / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False).encode())
+        storage.write_bytes(f"{sweep_rel}/spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False).encode())
         base = build_run_config(spec.run, {}, source=spec.source)
-        atomic_write_bytes(sweep_dir / "resolved_config.yaml", yaml.safe_dump(base.to_dict(), sort_keys=False).encode())
+        storage.write_bytes(f"{sweep_rel}/resolved_config.yaml", yaml.safe_dump(base.to_dict(), sort_keys=False).encode())
         tracker.log_artifact(parent, str(sweep_dir / "spec.yaml"), "spec")
         tracker.log_artifact(parent, str(sweep_dir / "resolved_config.yaml"), "spec")
         tracker.log_params(parent, {"num_trials": spec.sweep.num_trials, "sampler": spec.sweep.sampler,
                                     "scheduler": spec.sweep.scheduler.type, "max_concurrent": spec.sweep.max_concurrent,
                                     "objective": spec.sweep.objective.metric, "spec_file": spec.source})
-    print(f"sweep {sweep_id}: storage {sweep_dir}, MLflow {redact_uri(uri)} "
+    print(f"sweep {sweep_id}: storage {storage.describe(sweep_rel)}, MLflow {redact_uri(uri)} "
           f"(experiment {spec.tracking.experiment!r}, parent run {parent})", flush=True)
 
     _init_ray(address)
     metrics, modes = _objectives(spec)
     ctx = TrialContext(
-        sweep_id=sweep_id, sweep_dir=str(sweep_dir), storage_root=str(root), spec_run=absolute_run(spec),
+        sweep_id=sweep_id, storage=storage.uri, sweep_rel=sweep_rel, spec_run=absolute_run(spec),
         tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=parent,
         workers=spec.resources.workers, cpus_per_worker=spec.resources.cpus_per_worker,
         gpus_per_worker=spec.resources.gpus_per_worker,
@@ -281,12 +282,13 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         max_concurrent_trials=spec.sweep.max_concurrent,
         **({"metric": metrics[0], "mode": modes[0]} if search_alg is None and not isinstance(scheduler, ASHAScheduler) and single else {}),
     )
-    run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+    storage_path, filesystem = storage.ray_storage(sweep_rel)
+    run_config = tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=filesystem, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures))
-    tune_path = sweep_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False, param_space=param_space)
+    tune_path = f"{storage_path}/tune"
+    if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, param_space=param_space, storage_filesystem=filesystem)
     else:
         kwargs = {"param_space": param_space} if param_space is not None else {}
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config, **kwargs)
@@ -295,7 +297,22 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         mark_stopped_trials(tracker, parent, results, metrics, type(scheduler).__name__.replace("Scheduler", ""))
     finally:
         rows = write_report(tracker, parent, sweep_dir, objectives=list(zip(metrics, modes)))
+        _publish_outputs(storage, sweep_rel)
     done = [r for r in rows if r.get("status") == "FINISHED"]
     tracker.finish(parent, "FINISHED" if done else "FAILED")
-    print(f"sweep {sweep_id}: {len(done)}/{len(rows)} trials finished; report {sweep_dir / 'report.md'}", flush=True)
+    print(f"sweep {sweep_id}: {len(done)}/{len(rows)} trials finished; report {storage.describe(sweep_rel + '/report.md')}",
+          flush=True)
     return 0 if done else 1
+
+
+def _publish_outputs(storage: Storage, sweep_rel: str) -> None:
+    """Upload the files the driver wrote into the sweep's working folder (report, plots, data log)."""
+    if not storage.is_remote:
+        return
+    folder = storage.local(sweep_rel)
+    try:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                storage.push_file(f"{sweep_rel}/{path.name}")
+    except StorageError as err:  # the report is in MLflow too; do not hide the sweep's own outcome
+        print(f"warning: could not upload the report to {storage.describe(sweep_rel)}: {err}", file=sys.stderr)

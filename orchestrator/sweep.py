@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orchestrator.driver import SweepError, dry_run, run_sweep
     from orchestrator.spec import load_spec
+    from orchestrator.storage import StorageError
 
     overrides = list(args.overrides)
     if args.num_trials is not None:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(spec)
             return 0
         return run_sweep(spec, address=args.address, resume=args.resume, argv=sys.argv)
-    except (SpecError, SweepError) as err:
+    except (SpecError, SweepError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

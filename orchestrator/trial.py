@@ -13,6 +13,12 @@ trial's checkpoint folder and its MLflow run, and the run id is stored with the 
 restarted trial re-attaches to its run. A pre-training result is keyed by a hash of everything
 that shapes it and reused by every trial (and every sweep sharing the storage) that needs it; a
 named Ray actor makes sure two concurrent trials never compute the same key twice.
+
+Everything durable goes through :mod:`orchestrator.storage` (a folder, or ``s3://``): the trial
+state, the pre-training done marker, the final metrics and the loops' checkpoints. The loops
+write to the storage's working folder on the node they run on; with S3 each checkpoint is
+uploaded once written and the newest is downloaded before a stage starts, so a trial restarted on
+another node resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.train.checkpoint import atomic_write_json
-
 log = logging.getLogger(__name__)
 
 TRIAL_STATE = "trial.json"
@@ -43,8 +47,10 @@ class TrialContext:
     """Everything a trial needs that is the same for the whole sweep (sent once to each trial)."""
 
     sweep_id: str
-    sweep_dir: str
-    storage_root: str
+    storage: str
+    """``storage.path``: an absolute folder or ``s3://bucket/prefix``."""
+    sweep_rel: str
+    """The sweep's folder relative to the storage root (``sweeps/<sweep_id>``)."""
     spec_run: dict[str, Any]
     tracking_uri: str
     experiment_id: str
@@ -158,12 +164,34 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry: run one stage with the plain loops; rank 0 logs to MLflow."""
     import ray.train
 
+    from orchestrator.storage import open_storage
     from orchestrator.tracking import Tracker
     from orchestrator.train.config import run_config_from_dict
+    from orchestrator.train.runtime import barrier
 
     stage = loop_config["stage"]
-    config = run_config_from_dict(loop_config["run"], source=f"trial {loop_config['trial_key']}")
-    rank = ray.train.get_context().get_world_rank()
+    storage = open_storage(loop_config["storage"])
+    run = dict(loop_config["run"])
+    run["output_dir"] = str(storage.local(loop_config["output_rel"]))
+    if loop_config.get("init_rel"):
+        run["finetune"] = {**(run.get("finetune") or {}), "init": str(storage.local(loop_config["init_rel"]))}
+    config = run_config_from_dict(run, source=f"trial {loop_config['trial_key']}")
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    checkpoints_rel = f"{loop_config['output_rel']}/{stage}/checkpoints"
+    keep = config.pretrain.keep_checkpoints if stage == "pretrain" else config.finetune.keep_checkpoints
+    # One process per node fetches what this stage reads (its newest checkpoint, or the
+    # pre-trained one it starts from) into the node's working folder; the others wait.
+    if context.get_local_rank() == 0:
+        found = storage.pull_checkpoint(checkpoints_rel)
+        if found is None and loop_config.get("init_rel"):
+            storage.pull_checkpoint(f"{loop_config['init_rel']}/pretrain/checkpoints")
+    barrier()
+
+    def publish(checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None and rank == 0:
+            storage.push_checkpoint(checkpoints_rel, Path(checkpoint_dir), keep=keep)
+
     tracker = Tracker(uri=loop_config["tracking_uri"], experiment_id=loop_config["experiment_id"]) if rank == 0 else None
     run_id = loop_config["run_id"]
     objectives = loop_config["objectives"]
@@ -177,6 +205,7 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
         from orchestrator.train.pretrain import pretrain
 
         def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+            publish(checkpoint_dir)
             log_metrics("pretrain", metrics)
             check_finite("pre-training", metrics)
 
@@ -191,6 +220,7 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
     latest: dict[str, float] = {}
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        publish(checkpoint_dir)
         log_metrics("finetune", metrics)
         check_finite("fine-tuning", metrics)
         wer = metrics.get("dev/wer")
@@ -217,7 +247,9 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
         tracker.log_metrics(run_id, final, step=int(result.get("step", 0)))
     final["finetune_step"] = int(result.get("step", 0))
     if rank == 0:  # the trial driver reads it (Train V2's Result.metrics only follows checkpoints)
-        atomic_write_json(Path(config.output_dir) / FINAL_METRICS, final)
+        if (Path(config.output_dir) / "eval").is_dir():  # results.json and the per-subset hypotheses
+            storage.push_dir(f"{loop_config['output_rel']}/eval")
+        storage.write_json(f"{loop_config['output_rel']}/{FINAL_METRICS}", final)
     ray.train.report(_fill_objectives(final, objectives))
 
 
@@ -249,17 +281,13 @@ def _fill_objectives(metrics: dict[str, Any], objectives: tuple[str, ...] | list
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-
-
-def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: str, run_id: str, storage: Path, tune_callback: bool):
+def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: str, run_id: str, *, output_rel: str,
+               init_rel: str | None = None, tune_callback: bool):
+    from orchestrator.storage import open_storage
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, filesystem = open_storage(ctx.storage).ray_storage(f"{ctx.sweep_rel}/ray_train")
     callbacks = []
     if tune_callback:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -270,6 +298,9 @@ def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: st
         train_loop_config={
             "stage": stage,
             "run": run,
+            "storage": ctx.storage,
+            "output_rel": output_rel,
+            "init_rel": init_rel,
             "trial_key": trial_key,
             "run_id": run_id,
             "tracking_uri": ctx.tracking_uri,
@@ -283,7 +314,8 @@ def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: st
         ),
         run_config=RunConfig(
             name=f"{trial_key.replace('/', '-')}-{stage}",
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             callbacks=callbacks,
             # Our loops resume from their own checkpoints when a worker group restarts.
             failure_config=FailureConfig(max_failures=ctx.max_failures),
@@ -292,22 +324,22 @@ def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: st
     return trainer.fit()
 
 
-def _with_output(run: dict[str, Any], output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def _without_output(run: dict[str, Any]) -> dict[str, Any]:
+    # Each worker sets output_dir to its own node's working folder for the stage.
     out = json.loads(json.dumps(run))
-    out["output_dir"] = str(output_dir)
-    for name, values in sections.items():
-        out[name] = {**(out.get(name) or {}), **values}
+    out.pop("output_dir", None)
     return out
 
 
-def _pretrain_stage(ctx: TrialContext, config, run_plain: dict[str, Any], trial_key: str, run_id: str, tracker) -> tuple[Path, bool]:
-    """Return the pre-training folder for this trial's key and whether it was reused."""
+def _pretrain_stage(ctx: TrialContext, storage, config, run_plain: dict[str, Any], trial_key: str, run_id: str,
+                    tracker) -> tuple[str, bool]:
+    """Return the pre-training folder (relative to the storage) for this trial's key and whether it was reused."""
     import ray
 
     key = pretrain_key(config)
-    folder = Path(ctx.storage_root) / "pretrain" / key
-    done = folder / PRETRAIN_DONE
-    if done.exists():
+    folder = f"pretrain/{key}"
+    done = f"{folder}/{PRETRAIN_DONE}"
+    if storage.exists(done):
         return folder, True
     registry = _registry()
     waited = False
@@ -315,19 +347,18 @@ def _pretrain_stage(ctx: TrialContext, config, run_plain: dict[str, Any], trial_
         owner = ray.get(registry.claim.remote(key, trial_key))
         if owner == "owner":
             break
-        if done.exists():
+        if storage.exists(done):
             return folder, True
         waited = True
         time.sleep(2.0)
     try:
-        if done.exists():  # finished by the previous owner while we waited
+        if storage.exists(done):  # finished by the previous owner while we waited
             return folder, True
-        folder.mkdir(parents=True, exist_ok=True)
-        stage_run = _with_output(run_plain, folder)
-        atomic_write_json(folder / "config.json", {"key": key, "run": stage_run})
+        stage_run = _without_output(run_plain)
+        storage.write_json(f"{folder}/config.json", {"key": key, "run": stage_run})
         tracker.set_tags(run_id, {"pretrain_key": key})
-        _fit_stage(ctx, "pretrain", stage_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=False)
-        atomic_write_json(done, {"key": key, "by": trial_key, "time": time.time()})
+        _fit_stage(ctx, "pretrain", stage_run, trial_key, run_id, output_rel=folder, tune_callback=False)
+        storage.write_json(done, {"key": key, "by": trial_key, "time": time.time()})
         return folder, waited
     finally:
         ray.get(registry.release.remote(key, trial_key))
@@ -338,15 +369,17 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     from orchestrator.spec import build_run_config
+    from orchestrator.storage import open_storage
     from orchestrator.tracking import Tracker
 
     params = dict(config["__grid__"]) if "__grid__" in config else flatten(config)
     tune_id = tune.get_context().get_trial_id()
     trial_key = f"{ctx.sweep_id}/{tune_id}"
-    trial_dir = Path(ctx.sweep_dir) / "trials" / tune_id
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    state_path = trial_dir / TRIAL_STATE
-    state = _read_json(state_path)
+    storage = open_storage(ctx.storage)
+    trial_rel = f"{ctx.sweep_rel}/trials/{tune_id}"
+    run_rel = f"{trial_rel}/run"
+    state_path = f"{trial_rel}/{TRIAL_STATE}"
+    state = storage.read_json(state_path) or {}
     if state.get("status") == "done":  # completed before an interruption: report, never rerun
         tune.report(state["final"])
         return
@@ -354,23 +387,23 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     tracker = Tracker(uri=ctx.tracking_uri, experiment_id=ctx.experiment_id)
     run_id = state.get("mlflow_run_id") or tracker.trial_run(ctx.parent_run_id, trial_key, f"trial-{tune_id}")
     state.update({"trial_key": trial_key, "mlflow_run_id": run_id, "params": params, "status": "running"})
-    atomic_write_json(state_path, state)
+    storage.write_json(state_path, state)
 
     started = time.time()
     try:
         base = build_run_config(ctx.spec_run, params, source=f"trial {trial_key}")
-        config_obj = dataclasses.replace(base, output_dir=str(trial_dir / "run"))
+        config_obj = dataclasses.replace(base, output_dir=str(storage.local(run_rel)))
         run_plain = config_obj.to_dict()
         _log_trial_params(tracker, run_id, params, config_obj)
 
-        pre_folder, reused = _pretrain_stage(ctx, config_obj, run_plain, trial_key, run_id, tracker)
-        tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.name})
+        pre_folder, reused = _pretrain_stage(ctx, storage, config_obj, run_plain, trial_key, run_id, tracker)
+        tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.rsplit("/", 1)[-1]})
 
-        ft_run = _with_output(run_plain, trial_dir / "run", finetune={"init": str(pre_folder)})
-        _fit_stage(ctx, "finetune", ft_run, trial_key, run_id, Path(ctx.sweep_dir) / "ray_train", tune_callback=True)
-        final = _read_json(trial_dir / "run" / FINAL_METRICS)
+        _fit_stage(ctx, "finetune", _without_output(run_plain), trial_key, run_id, output_rel=run_rel,
+                   init_rel=pre_folder, tune_callback=True)
+        final = storage.read_json(f"{run_rel}/{FINAL_METRICS}")
         if not final:
-            raise RuntimeError(f"fine-tuning finished without writing {trial_dir / 'run' / FINAL_METRICS}")
+            raise RuntimeError(f"fine-tuning finished without writing {storage.describe(f'{run_rel}/{FINAL_METRICS}')}")
 
         if ctx.profile.get("enabled", True):
             prof = _profile(config_obj, ctx.profile)
@@ -384,13 +417,13 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         if bad:
             raise RuntimeError(f"trial ended without a finite {', '.join(bad)} (diverged?); final metrics: {sorted(final.items())[:40]}")
         state.update({"status": "done", "final": final})
-        atomic_write_json(state_path, state)
+        storage.write_json(state_path, state)
         tracker.finish(run_id, "FINISHED")
         tune.report(final)
     except Exception as err:
         reason = failure_reason(err)
         state.update({"status": "failed", "reason": reason})
-        atomic_write_json(state_path, state)
+        storage.write_json(state_path, state)
         try:
             tracker.set_tags(run_id, {"failure_reason": reason})
             tracker.finish(run_id, "FAILED")
