@@ -14,6 +14,9 @@ a short timeout, databases one connection with a connect timeout.
   usable utterances. The files the reader skipped (corrupt audio, missing transcripts) come back
   in a :class:`DataReport`, which the driver logs to the sweep's MLflow run
   (:meth:`DataReport.log_to`).
+
+Before Ray starts, :func:`preflight` also stops Ray Tune from copying AWS credentials into the
+trials' runtime envs, which Ray logs in plain text (:func:`keep_credentials_out_of_ray`).
 """
 
 from __future__ import annotations
@@ -305,7 +308,35 @@ def check_services(spec, tracking_uri: str | None = None) -> None:
     check_tracking_uri(tracking_uri or spec.tracking.uri or default_tracking_uri(), source=spec.source)
 
 
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_ray() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into every trial's runtime env.
+
+    Ray Tune puts ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / session tokens from the
+    driver's environment into the ``runtime_env`` of each trial actor, and Ray's runtime-env agent
+    writes runtime envs in plain text to the session's ``logs/runtime_env_agent.log``. Trials read
+    S3 with the credentials of the node they run on instead: the environment its ``ray start`` was
+    given (infra/local/stack.sh does this), an instance role, or -- with a Ray that the sweep
+    starts itself -- the driver's environment, which its local Ray inherits.
+    """
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # a Ray without this module copies nothing
+        return
+    current = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if current is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = type(current)(v for v in current if v not in CREDENTIAL_ENV_VARS)
+
+
 def preflight(spec, tracking_uri: str | None = None) -> DataReport:
-    """Every check, services first (seconds), then the corpus; returns what the corpus check found."""
+    """Every check, services first (seconds), then the corpus; returns what the corpus check found.
+
+    Also keeps S3 credentials out of Ray's runtime envs (and so out of Ray's logs), see
+    :func:`keep_credentials_out_of_ray`.
+    """
     check_services(spec, tracking_uri)
-    return check_data(spec)
+    report = check_data(spec)
+    keep_credentials_out_of_ray()
+    return report

@@ -297,3 +297,27 @@ def test_uri_passwords_never_reach_mlflow(tmp_path):
     assert run.data.params["data.root"] == "s3://corpus/synth"
     got = Path(MlflowClient(tracking_uri=uri).download_artifacts(run_id, "spec/spec.yaml", str(tmp_path / "dl"))).read_text()
     assert secret not in got and "mlflow:***@127.0.0.1" in got
+
+
+def test_ray_tune_no_longer_copies_aws_credentials_into_runtime_envs(monkeypatch):
+    """Ray Tune puts the driver's AWS keys into each trial actor's runtime_env, which Ray's runtime-env
+    agent logs in plain text; after preflight it does not (trials use their node's credentials)."""
+    from ray.tune.execution import class_cache
+
+    from orchestrator.preflight import keep_credentials_out_of_ray
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored after
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-log-this-secret")
+
+    class Trainable:
+        pass
+
+    def runtime_env() -> dict:
+        remote = class_cache._ActorClassCache().get(Trainable)
+        return remote._default_options["runtime_env"]
+
+    assert runtime_env()["env_vars"].get("AWS_SECRET_ACCESS_KEY") == "do-not-log-this-secret"  # Ray's default
+    keep_credentials_out_of_ray()
+    env_vars = runtime_env()["env_vars"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_vars), env_vars
