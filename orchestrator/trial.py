@@ -140,6 +140,31 @@ def _prefixed(stage: str, metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def relog_checkpoint_metrics(tracker, run_id: str, stage: str, checkpoints: Path) -> int | None:
+    """Log again, at its step, the metrics saved with the newest checkpoint in ``checkpoints``.
+
+    A stage calls this when it starts. The loops write a checkpoint and then report that step's
+    metrics: a worker killed between the two would leave the step out of the MLflow curve, and the
+    resumed run starts at the step after it. Logging the checkpoint's own metrics (its
+    ``meta.json``) closes that gap; when the step was already logged it appears twice with the
+    same values. Returns the step logged, or ``None`` when there is no checkpoint yet.
+    """
+    from orchestrator.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(checkpoints)
+    if newest is None:
+        return None
+    try:
+        meta = json.loads((newest / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    metrics, step = meta.get("metrics") or {}, meta.get("step")
+    if not metrics or not isinstance(step, int):
+        return None
+    tracker.log_metrics(run_id, _prefixed(stage, metrics), step=step)
+    return step
+
+
 class DivergedError(RuntimeError):
     """A training loss became NaN or infinite: the trial fails with this reason."""
 
@@ -195,6 +220,8 @@ def stage_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(uri=loop_config["tracking_uri"], experiment_id=loop_config["experiment_id"]) if rank == 0 else None
     run_id = loop_config["run_id"]
     objectives = loop_config["objectives"]
+    if tracker is not None:  # a resumed stage: its checkpoint's step may not be in MLflow yet
+        relog_checkpoint_metrics(tracker, run_id, stage, Path(config.output_dir) / stage / "checkpoints")
 
     def log_metrics(prefix: str, metrics: dict[str, Any]) -> None:
         if tracker is not None:

@@ -43,3 +43,29 @@ def test_failure_reason_finds_the_inner_error():
 
 def test_flatten_tune_config():
     assert flatten({"model.plan": "pom", "a": {"b": 1}}) == {"model.plan": "pom", "a.b": 1}
+
+
+def test_resumed_stage_logs_its_checkpoint_step_again(tmp_path):
+    """A worker killed after writing checkpoint 4 but before logging step 4: the resumed stage
+    logs step 4 from the checkpoint's meta.json, so the curve has no gap."""
+    import torch
+
+    from orchestrator.tracking import Tracker
+    from orchestrator.train.checkpoint import save_checkpoint
+    from orchestrator.trial import relog_checkpoint_metrics
+
+    tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit")
+    parent = tracker.sweep_run("s", "s")
+    run_id = tracker.trial_run(parent, "s/t", "trial-t")
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    assert relog_checkpoint_metrics(tracker, run_id, "pretrain", checkpoints) is None  # a fresh stage
+    for step in (1, 2, 3):
+        tracker.log_metrics(run_id, {"pretrain/loss": 10.0 - step}, step=step)
+    for step in (2, 4):
+        metrics = {"stage": "pretrain", "step": step, "pretrain/loss": 10.0 - step, "lr": 0.1}
+        save_checkpoint(checkpoints, step, {"x": torch.zeros(1)}, keep=0, meta={"metrics": metrics})
+
+    assert relog_checkpoint_metrics(tracker, run_id, "pretrain", checkpoints) == 4
+    history = tracker.client.get_metric_history(run_id, "pretrain/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0)]
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "pretrain/lr")] == [(4, 0.1)]
