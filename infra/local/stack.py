@@ -270,9 +270,9 @@ def save_state(root: Path, st: dict) -> None:
 
 def ray_dir(root: Path) -> Path:
     # Ray puts Unix sockets under its temp dir (path limit 107 bytes): a long state path gets a
-    # short private folder in /tmp named after it, recorded in state.json.
+    # short private folder in /tmp named after it, recorded in state.json (worker nodes add "-w<i>").
     path = root / "ray"
-    if len(str(path)) > 40:
+    if len(str(path)) > 37:
         import hashlib
 
         path = Path("/tmp") / f"raystack-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
@@ -429,7 +429,11 @@ def _start_ray(root: Path, st: dict, sec: dict, deadline: float) -> None:
         raise StackError(f"ray start --head failed; see {log}")
     for i in range(st["ray_workers"]):
         wlog = root / "logs" / f"ray-worker{i}.log"
-        worker = [ray, "start", f"--address={HOST}:{p['ray_gcs']}", f"--node-ip-address={HOST}", f"--temp-dir={rdir}",
+        # Its own temp dir, as on a separate machine: with the head's, the worker's runtime-env
+        # agent would delete and re-extract a job's working_dir under the running job driver.
+        wdir = f"{rdir}-w{i}"
+        Path(wdir).mkdir(parents=True, exist_ok=True)
+        worker = [ray, "start", f"--address={HOST}:{p['ray_gcs']}", f"--node-ip-address={HOST}", f"--temp-dir={wdir}",
                   f"--num-cpus={_env_int('STACK_RAY_WORKER_CPUS', 2)}", "--num-gpus=0", f"--object-store-memory={store}",
                   "--disable-usage-stats", *_node_ports(p, f"w{i}")]
         wproc = _spawn(worker, wlog, env=env)
@@ -601,8 +605,11 @@ def down(purge: bool = False) -> int:
     (root / "env").unlink(missing_ok=True)
     if purge:
         shutil.rmtree(root, ignore_errors=True)
-        if st.get("ray_dir") and not st["ray_dir"].startswith(str(root)):
-            shutil.rmtree(st["ray_dir"], ignore_errors=True)
+        if st.get("ray_dir"):
+            for i in range(int(st.get("ray_workers", 1))):
+                shutil.rmtree(f"{st['ray_dir']}-w{i}", ignore_errors=True)
+            if not st["ray_dir"].startswith(str(root)):
+                shutil.rmtree(st["ray_dir"], ignore_errors=True)
         print(f"stack down; {root} deleted")
     else:
         print(f"stack down (data kept in {root}; `down --purge` deletes it)")
