@@ -135,7 +135,11 @@ def _check_http(uri: str, shown: str, source: str, timeout_s: float) -> None:
     import urllib.error
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]  # no user:password in the request line or in errors
+    url = urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s) as reply:
             reply.read(64)
@@ -153,8 +157,10 @@ def _check_http(uri: str, shown: str, source: str, timeout_s: float) -> None:
         reason = getattr(err, "reason", err)
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
             reason = f"no answer in {timeout_s:g} s"
+        password = _password(uri)
+        reason = str(reason).replace(password, "***") if password else str(reason)
         raise _fail(source, "tracking.uri", shown,
-                    f"the MLflow tracking server does not answer ({_one_line(str(reason), 200)}): start it "
+                    f"the MLflow tracking server does not answer ({_one_line(reason, 200)}): start it "
                     f"(e.g. infra/local/stack.sh up, or mlflow server --port PORT) {_FIX}") from None
 
 

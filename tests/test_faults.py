@@ -145,8 +145,10 @@ def test_sweep_on_the_stack_keeps_secrets_and_logs_corrupt_audio(stack, s3_corpu
         for path in files:
             found += [f"artifact {path}: {n}" for n in _leaks(path.read_bytes(), secrets)]
     found += [f"job logs / info: {n}" for n in _leaks(json.dumps(job).encode(), secrets)]
-    ray_dir = Path(json.loads((stack["dir"] / "state.json").read_text())["ray_dir"])
-    logs = [p for p in _files_under(ray_dir) if "/logs/" in str(p)]
+    # Every node's Ray temp folder: the head's, and the worker nodes' (their own, "-w<i>", or the head's).
+    state = json.loads((stack["dir"] / "state.json").read_text())
+    ray_dirs = {Path(state["ray_dir"])} | {Path(f"{state['ray_dir']}-w{i}") for i in range(int(state.get("ray_workers", 1)))}
+    logs = [p for d in sorted(ray_dirs) if d.is_dir() for p in _files_under(d) if "/logs/" in str(p)]
     assert any(p.name.startswith("job-driver-") for p in logs), "the job driver's log is under the Ray session"
     for path in logs:
         try:

@@ -144,6 +144,14 @@ def test_tracking_server_on_a_closed_port(tmp_path):
     assert "MLFLOW_TRACKING_URI" in text
 
 
+def test_tracking_server_uri_with_a_password_is_masked():
+    uri = f"http://user:pa55-w0rd@127.0.0.1:{free_port()}/prefix"
+    with pytest.raises(PreflightError) as err:
+        check_tracking_uri(uri, source=SPEC)
+    text = one_line(err)
+    assert "pa55-w0rd" not in text and "user:***@127.0.0.1" in text and "does not answer" in text
+
+
 def test_tracking_server_that_answers(tmp_path):
     """A real HTTP server: /health OK passes; a 500 on /health is one line."""
     import http.server
