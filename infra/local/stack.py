@@ -425,6 +425,8 @@ def _start_ray(root: Path, st: dict, sec: dict, deadline: float) -> None:
     log = root / "logs" / "ray-head.log"
     proc = _spawn(head, log, env=env)
     sids = [_sid(proc.pid)]
+    # Recorded before anything can fail: `down` (also after a failed `up`) stops what was started.
+    st["services"]["ray"] = {"sids": sids, "pids": [], "marker": rdir}
     if proc.wait(timeout=max(5, deadline - time.monotonic())) != 0:
         raise StackError(f"ray start --head failed; see {log}")
     for i in range(st["ray_workers"]):
