@@ -363,8 +363,9 @@ def test_learning_end_to_end(tmp_path: Path) -> None:
         "preset": "tiny",
         "data": {"root": str(corpus), "generate": False, "cache_dir": str(tmp_path / "cache"),
                  "dev_subsets": ["dev-clean"], "test_subsets": ["dev-clean"]},
-        "pretrain": {"steps": 120, "log_every": 20, "checkpoint_every": 1000},
-        "finetune": {"steps": 250, "log_every": 50, "eval_every": 250, "checkpoint_every": 1000},
+        "pretrain": {"steps": 150, "log_every": 25, "checkpoint_every": 1000},
+        "finetune": {"steps": 400, "log_every": 50, "eval_every": 400, "checkpoint_every": 1000},
+        "eval": {"bootstrap_samples": 0},
         "output_dir": str(tmp_path / "run"),
         "device": "cpu",
     })
@@ -376,8 +377,11 @@ def test_learning_end_to_end(tmp_path: Path) -> None:
     ft_reports: list = []
     ft = finetune(config, report=lambda m, c: ft_reports.append(m))
     losses = [m["finetune/loss"] for m in ft_reports if "finetune/loss" in m]
-    # Measured with this budget: CTC loss 3.15 -> 2.73, dev WER ~0.99. The issue asks for WER
-    # clearly below 1 (e.g. < 0.8): not reached yet (see the session note), so this test only
-    # checks that fine-tuning learns and that dev WER/CER are computed.
-    assert losses[-1] < 0.95 * losses[0], losses
-    assert math.isfinite(ft["metrics"]["dev/wer"]) and math.isfinite(ft["metrics"]["dev/cer"]), ft["metrics"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert ft["metrics"]["dev/cer"] < 0.8, ft["metrics"]
+    # the tiny preset's test decoding: beam search over the words of the training transcripts.
+    # Measured here (2 cores, 178 s for the whole test): greedy WER 0.93 / CER 0.44, lexicon WER 0.71.
+    dev = evaluate_run(config)["subsets"]["dev-clean"]
+    print(f"learning: greedy dev WER {ft['metrics']['dev/wer']:.3f} CER {ft['metrics']['dev/cer']:.3f}; "
+          f"lexicon dev WER {dev['wer']:.3f} CER {dev['cer']:.3f}")
+    assert dev["wer"] < 0.8, dev
