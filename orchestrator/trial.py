@@ -422,6 +422,8 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         config_obj = dataclasses.replace(base, output_dir=str(storage.local(run_rel)))
         run_plain = config_obj.to_dict()
         _log_trial_params(tracker, run_id, params, config_obj)
+        param_count = float(_param_count(config_obj))
+        tracker.log_metrics(run_id, {"params": param_count})  # known now: a trial ASHA stops keeps it too
 
         pre_folder, reused = _pretrain_stage(ctx, storage, config_obj, run_plain, trial_key, run_id, tracker)
         tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.rsplit("/", 1)[-1]})
@@ -436,7 +438,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
             prof = _profile(config_obj, ctx.profile)
             final.update(prof)
             tracker.log_metrics(run_id, prof)
-        final["params"] = float(_param_count(config_obj))
+        final["params"] = param_count
         final["wall_time_s"] = time.time() - started
         final["pretrain_reused"] = float(reused)
         tracker.log_metrics(run_id, {"params": final["params"], "wall_time_s": final["wall_time_s"]})
