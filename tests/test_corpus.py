@@ -10,7 +10,6 @@ import itertools
 import logging
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from orchestrator.data.librispeech import (
     is_s3_uri,
     upload_corpus,
 )
+from tests.conftest import free_port
 
 LOGGER = "orchestrator.data.librispeech"
 
@@ -312,25 +312,6 @@ def test_s3_uri_helpers():
 # -- S3 (moto server) ----------------------------------------------------------------------------
 
 _buckets = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def _aws_env(monkeypatch, tmp_path, endpoint: str | None) -> None:

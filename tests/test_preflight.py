@@ -20,7 +20,8 @@ import yaml
 
 from orchestrator.preflight import PreflightError, check_data, check_s3, check_services, check_tracking_uri
 from orchestrator.spec import load_spec
-from tests.test_corpus import _aws_env, free_port, make_corpus, moto_endpoint  # noqa: F401 (fixture)
+from tests.conftest import free_port
+from tests.test_corpus import _aws_env, make_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = "sweep.yaml"
@@ -55,7 +56,7 @@ def upload(local: Path, uri: str) -> None:
 
 
 @pytest.fixture
-def s3_env(moto_endpoint, monkeypatch, tmp_path):  # noqa: F811
+def s3_env(moto_endpoint, monkeypatch, tmp_path):
     _aws_env(monkeypatch, tmp_path, moto_endpoint)
     monkeypatch.setenv("POM_ABLATIONS_CACHE", str(tmp_path / "default-cache"))
     return moto_endpoint

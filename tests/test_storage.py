@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import socket
 import time
 
 import pytest
@@ -14,27 +13,9 @@ import torch
 
 from orchestrator.storage import COMPLETE_MARKER, LocalStorage, S3Storage, StorageError, open_storage
 from orchestrator.train.checkpoint import list_checkpoints, load_state, save_checkpoint
+from tests.conftest import free_port
 
 _buckets = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

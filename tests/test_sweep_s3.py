@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from tests.test_storage import free_port
+from tests.conftest import free_port
 from tests.test_sweep import mlflow_runs, ray_env, run_sweep_cmd, stop_ray_started_under, sweep_spec
 
 pytestmark = pytest.mark.slow
