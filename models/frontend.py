@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from models.mixers.base import needs_autograd
+
 
 def lengths_to_padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """``(b,)`` lengths -> ``(b, max_len)`` bool mask, ``True`` at padded frames."""
@@ -200,10 +202,6 @@ class GlobalNormalizer(nn.Module):
         return x.masked_fill(pad.unsqueeze(-1), 0.0)
 
 
-def _needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
 class _ConvBlock(nn.Module):
     """Conv2d 3x3 stride 2 -> LayerNorm over channels -> LeakyReLU -> Dropout, on ``(b, c, t, n)``."""
 
@@ -218,7 +216,7 @@ class _ConvBlock(nn.Module):
     """Frames per LayerNorm chunk of the in-place inference path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and not _needs_autograd(self, x):
+        if not self.training and not needs_autograd(self, x):
             return self._forward_inference(x)
         x = self.conv(x).permute(0, 2, 3, 1)  # (b, t, n, c): LayerNorm normalises channels
         x = self.dropout(self.activation(self.norm(x)))

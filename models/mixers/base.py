@@ -56,3 +56,8 @@ class TokenMixer(nn.Module):
                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
             )
         return padding_mask
+
+
+def needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a forward of ``module`` on ``x`` records a graph (else in-place fast paths are safe)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mixers.base import Positional, TokenMixer
+from models.mixers.base import Positional, TokenMixer, needs_autograd
 
 PadMean = Literal["masked", "all"]
 PAD_MEANS: tuple[str, ...] = ("masked", "all")
@@ -118,10 +118,6 @@ def time_mean_weights(valid: torch.Tensor, dtype: torch.dtype, pad_mean: str = "
 _gelu_ = getattr(torch._C._nn, "gelu_", F.gelu)
 
 
-def _needs_autograd(module: nn.Module, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
 class PolynomialMixer(_PoMBase):
     """Polynomial Mixer (PoM), the paper's linear-complexity replacement for self-attention.
 
@@ -186,7 +182,7 @@ class PolynomialMixer(_PoMBase):
         padding_mask = self.check_inputs(x, padding_mask)
         x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         weights = time_mean_weights(~padding_mask, x.dtype, self.pad_mean)  # (b, 1, t)
-        if x.shape[1] > 0 and not _needs_autograd(self, x):
+        if x.shape[1] > 0 and not needs_autograd(self, x):
             return self.norm(self._forward_chunked(x, weights))
         feats = self._features(self.po(x), inplace=False)  # k x (b, t, e*d)
         state = torch.cat([torch.matmul(weights.to(f.dtype), f) for f in feats], dim=-1)  # (b, 1, w)

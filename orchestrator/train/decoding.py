@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import jiwer
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from orchestrator.data.tokenizers import BLANK
+from orchestrator.train.checkpoint import atomic_write_bytes
 
 def normalize_text(text: str) -> str:
     """Upper case, single spaces, trimmed: how hypotheses and references are compared."""
@@ -145,11 +147,7 @@ def write_lexicon(texts: Sequence[str], tokenizer, path: str | os.PathLike) -> i
         else:
             spelling = " ".join(tokenizer.pieces()[i] for i in tokenizer.encode(word))
         lines.append(f"{word}\t{spelling}")
-    data = ("\n".join(lines) + "\n").encode()
-    handle = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(os.path.abspath(path)), delete=False)
-    with handle:
-        handle.write(data)
-    os.replace(handle.name, path)
+    atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
     return len(words)
 
 
