@@ -17,8 +17,9 @@ round), all in ``torch.inference_mode()``:
 - ``matmuls``: its three products alone with its own weights and biases on the same shapes:
   ``x @ W_po``, ``x @ W_se`` (each ``(b, t, d) -> (b, t, k*D*d)``) and ``g @ W_out`` with ``g`` a
   ready ``(b, t, k*D*d)`` tensor: the floor any implementation of the same maths must pay.
-- prototypes of changes to ``pom.py`` (each checked equal to ``pom`` before it is timed: outputs,
-  and gradients for the training-safe ones):
+- the prototypes that led to the current ``pom.py`` (``pom`` itself now runs the ``chunked`` path
+  in inference mode and the ``state_mm+fold`` one with autograd; kept as references, each checked
+  equal to ``pom`` before it is timed: outputs, and gradients for the training-safe ones):
   ``fused``          one ``Linear(d, 2w)`` for ``po`` and ``se`` (one GEMM, ``x`` read once);
   ``state_mm``       the masked time mean as a matrix product of the per-frame weights
                      ``valid / count`` with each cumulative product: no ``torch.cat`` of the
