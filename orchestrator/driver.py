@@ -1,4 +1,4 @@
-"""The sweep: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial.trial_driver`.
+"""The sweep: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial_driver.trial_driver`.
 
 Storage layout (``storage.path``: a folder, or ``s3://bucket/prefix`` with every file below as an
 object; see :mod:`orchestrator.storage`)::
@@ -193,7 +193,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     from orchestrator.report import mark_stopped_trials, write_report
     from orchestrator.spec import define_by_run, make_sampler
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
-    from orchestrator.trial import TrialContext, trial_driver
+    from orchestrator.trial_driver import TrialContext, trial_driver
 
     storage = storage_root(spec)  # StorageError later on: one line from the CLI (orchestrator.sweep)
     uri = spec.tracking.uri or default_tracking_uri()

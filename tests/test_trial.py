@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from orchestrator.trial import DivergedError, check_finite, failure_reason, flatten, pretrain_key
+from orchestrator.trial_driver import failure_reason, flatten, pretrain_key
+from orchestrator.worker import DivergedError, check_finite
 from orchestrator.train.config import run_config_from_dict
 
 
@@ -36,7 +37,7 @@ def test_divergence_is_detected_on_losses_only():
 
 def test_failure_reason_finds_the_inner_error():
     err = RuntimeError("Training failed.\nTraceback (most recent call last):\n  File \"x.py\"\n"
-                       "orchestrator.trial.DivergedError: fine-tuning diverged: finetune/loss is nan\n")
+                       "orchestrator.worker.DivergedError: fine-tuning diverged: finetune/loss is nan\n")
     assert failure_reason(err) == "DivergedError: fine-tuning diverged: finetune/loss is nan"
     assert failure_reason(ValueError("plain")) == "plain"
 
@@ -52,7 +53,7 @@ def test_resumed_stage_logs_its_checkpoint_step_again(tmp_path):
 
     from orchestrator.tracking import Tracker
     from orchestrator.train.checkpoint import save_checkpoint
-    from orchestrator.trial import relog_checkpoint_metrics
+    from orchestrator.worker import relog_checkpoint_metrics
 
     tracker = Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit")
     parent = tracker.sweep_run("s", "s")
