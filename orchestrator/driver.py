@@ -187,7 +187,6 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.report import mark_stopped_trials, write_report
@@ -274,7 +273,8 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
             space=define_by_run(spec), metric=metrics[0] if single else metrics,
             mode=modes[0] if single else modes, sampler=make_sampler(spec),
         )
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=spec.sweep.max_concurrent)
+        # TuneConfig.max_concurrent_trials wraps it in a ConcurrencyLimiter (a second one warns).
+        search_alg = searcher
         param_space = None
         num_samples = n
     tune_config = tune.TuneConfig(
