@@ -9,7 +9,6 @@ ranks exactly, and can be bootstrapped by resampling utterances.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import jiwer
-import numpy as np
 import torch
 
 from orchestrator.data.tokenizers import BLANK
+from orchestrator.stats import bootstrap_wer_ci  # noqa: F401 - moved there; kept importable from here
 from orchestrator.train.checkpoint import atomic_write_bytes
 
 def normalize_text(text: str) -> str:
@@ -43,13 +42,24 @@ class BeamSearchDecoder:
     as tokens (``T H E | C A T``); with a lexicon (``word<TAB>t o k e n s |`` per line) the LM is a
     word LM, as in the paper's 4-gram setting.
 
+    Scores are natural-log emission probabilities plus ``lm_weight`` times KenLM's score, which
+    is a log10 probability; ``lm_score_base="ln"`` scales the weight by ln 10 so that it
+    multiplies natural-log LM probabilities, as the alpha of SpeechBrain's and pyctcdecode's
+    decoders does (the paper's alpha 0.8 is such a weight).
+
     Args:
         tokenizer: a ``CharTokenizer`` or ``BPETokenizer``.
         beam_size: hypotheses kept per frame.
-        beam_threshold: prune hypotheses this far below the best.
+        beam_threshold: prune hypotheses this far below the best (the positive counterpart of
+            SpeechBrain's ``beam_prune_logp``).
+        beam_size_token: tokens tried per frame, the most likely first; ``None`` = all.
+        token_prune_min_logp: tokens whose frame log-probability is below this are not tried
+            (the frame's best token always is), as SpeechBrain's ``token_prune_min_logp``;
+            ``None`` = no pruning.
         lm_path: KenLM file (ARPA or binary), or ``None``.
         lexicon_path: lexicon file, or ``None`` for lexicon-free decoding.
         lm_weight: LM score weight.
+        lm_score_base: ``log10`` (flashlight's weight) or ``ln`` (SpeechBrain's alpha).
         word_score: score added per word boundary.
     """
 
@@ -59,14 +69,20 @@ class BeamSearchDecoder:
         *,
         beam_size: int = 50,
         beam_threshold: float = 50.0,
+        beam_size_token: int | None = None,
+        token_prune_min_logp: float | None = None,
         lm_path: str | None = None,
         lexicon_path: str | None = None,
         lm_weight: float = 2.0,
+        lm_score_base: str = "log10",
         word_score: float = 0.0,
     ) -> None:
         from torchaudio.models.decoder import ctc_decoder
 
+        if lm_score_base not in ("log10", "ln"):
+            raise ValueError(f"lm_score_base must be 'log10' or 'ln', got {lm_score_base!r}")
         self.tokenizer = tokenizer
+        self.token_prune_min_logp = token_prune_min_logp
         if tokenizer.kind == "char":
             tokens = ["|" if s == " " else s for s in tokenizer.symbols]
             sil = "|"
@@ -95,8 +111,9 @@ class BeamSearchDecoder:
                 lm_dict=lm_dict,
                 nbest=1,
                 beam_size=beam_size,
+                beam_size_token=beam_size_token,
                 beam_threshold=beam_threshold,
-                lm_weight=lm_weight if lm_path else 0.0,
+                lm_weight=(lm_weight * (math.log(10.0) if lm_score_base == "ln" else 1.0)) if lm_path else 0.0,
                 word_score=word_score,
                 blank_token=tokens[BLANK],
                 sil_token=sil,
@@ -115,7 +132,10 @@ class BeamSearchDecoder:
         Returns:
             One normalised transcript per utterance.
         """
-        emissions = log_probs.detach().float().cpu().contiguous()  # the decoder reads fp32 CPU memory
+        emissions = log_probs.detach().float().cpu()
+        if self.token_prune_min_logp is not None:
+            emissions = prune_tokens(emissions, self.token_prune_min_logp)
+        emissions = emissions.contiguous()  # the decoder reads fp32 CPU memory
         results = self._decoder(emissions, lengths.detach().cpu().to(torch.int32))
         texts = []
         for nbest in results:
@@ -128,6 +148,13 @@ class BeamSearchDecoder:
             else:
                 texts.append(normalize_text(self.tokenizer.decode(hyp.tokens.tolist())))
         return texts
+
+
+def prune_tokens(log_probs: torch.Tensor, min_logp: float) -> torch.Tensor:
+    """(b, t, v) log-probabilities with every token below ``min_logp`` in its frame, except the
+    frame's best, set to -1e30, which any beam threshold prunes."""
+    keep = (log_probs >= min_logp) | (log_probs == log_probs.amax(dim=-1, keepdim=True))
+    return log_probs.masked_fill(~keep, -1e30)
 
 
 def write_lexicon(texts: Sequence[str], tokenizer, path: str | os.PathLike) -> int:
@@ -231,31 +258,3 @@ def score(ids: Sequence[str], references: Sequence[str], hypotheses: Sequence[st
         references=refs,
         hypotheses=hyps,
     )
-
-
-def bootstrap_wer_ci(
-    word_errors: Sequence[int], words: Sequence[int], *, samples: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of corpus WER.
-
-    Each resample draws as many utterances as there are, with replacement, and computes
-    ``sum(errors) / sum(words)`` over the draw (Bisani and Ney, 2004).
-
-    Returns:
-        ``(low, high)``; ``(nan, nan)`` with no utterances or ``samples == 0``.
-    """
-    errors = np.asarray(word_errors, dtype=np.float64)
-    lengths = np.asarray(words, dtype=np.float64)
-    n = errors.shape[0]
-    if n == 0 or samples <= 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    wers = np.empty(samples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // n)  # bound the (chunk, n) index matrix
-    for start in range(0, samples, chunk):
-        stop = min(samples, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        wers[start:stop] = errors[idx].sum(axis=1) / np.maximum(lengths[idx].sum(axis=1), 1.0)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(wers, [alpha, 1.0 - alpha])
-    return (float(low), float(high))
