@@ -148,6 +148,9 @@ class SweepSection:
     """Trial scheduler."""
     max_failures: int = 0
     """Times Ray retries a failed trial (worker death) from its last checkpoint."""
+    seeds: tuple[int, ...] = ()
+    """Replicate seeds: each configuration runs once per seed (the trial gets it as ``seed``);
+    the report averages the replicates and shows their spread. Empty: one run per configuration."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,8 +252,12 @@ def _objective(value: Any, source: str, key: str) -> Objective:
 
 def _sweep(value: Any, source: str) -> SweepSection:
     data = _mapping(value, source, "sweep")
-    allowed = ("name", "objective", "extra_objectives", "num_trials", "max_concurrent", "seed", "sampler", "scheduler", "max_failures")
+    allowed = ("name", "objective", "extra_objectives", "num_trials", "max_concurrent", "seed", "sampler", "scheduler", "max_failures", "seeds")
     _unknown(data, allowed, source, "sweep")
+    seeds = data.get("seeds", []) or []
+    if not isinstance(seeds, list) or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise _fail(source, "sweep.seeds", f"must be a list of distinct integers >= 0 (e.g. [0, 1, 2]), got {seeds!r}")
     name = _str(data, "name", Path(source).stem if source else "sweep", source, "sweep")
     if any(c in name for c in "/\\ '\""):
         raise _fail(source, "sweep.name", f"{name!r} may not contain slashes, spaces or quotes")
@@ -279,6 +286,7 @@ def _sweep(value: Any, source: str) -> SweepSection:
         sampler=sampler,
         scheduler=scheduler,
         max_failures=_int(data, "max_failures", 0, source, "sweep", 0),
+        seeds=tuple(seeds),
     )
 
 
