@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from models.config import ModelConfig
-from models.conformer import ConformerEncoder
+from models.conformer import ConformerEncoder, xavier_normal_init_
 from models.frontend import ConvSubsampling, FilterbankFeatures, GlobalNormalizer
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ def build_features(config: ModelConfig) -> FilterbankFeatures:
     """Log-mel filterbank of ``config.frontend``."""
     fe = _check(config).frontend
     return FilterbankFeatures(
-        sample_rate=fe.sample_rate, n_mels=fe.n_mels, win_length=fe.win_length, hop_length=fe.hop_length
+        sample_rate=fe.sample_rate, n_mels=fe.n_mels, win_length=fe.win_length, hop_length=fe.hop_length,
+        kind=fe.fbank,
     )
 
 
@@ -38,10 +39,17 @@ def build_normalizer(config: ModelConfig) -> GlobalNormalizer:
 
 
 def build_frontend(config: ModelConfig) -> ConvSubsampling:
-    """Conv subsampling ``(b, t, n) -> (b, t / 4, d)``."""
+    """Conv subsampling ``(b, t, n) -> (b, t / 4, d)``. With ``encoder.init: xavier_normal`` its
+    Linear projection is initialised with the encoder (the released TransformerASR holds it)."""
     config = _check(config)
     fe = config.frontend
-    return ConvSubsampling(fe.n_mels, fe.conv_channels, config.encoder.model_dim, fe.dropout_p)
+    frontend = ConvSubsampling(
+        fe.n_mels, fe.conv_channels, config.encoder.model_dim, fe.dropout_p,
+        norm=fe.norm, proj_dropout_p=fe.proj_dropout_p,
+    )
+    if config.encoder.init == "xavier_normal":
+        xavier_normal_init_(frontend.proj)
+    return frontend
 
 
 def build_encoder(config: ModelConfig) -> ConformerEncoder:

@@ -22,6 +22,12 @@ from typing import Any, Literal
 
 Positional = Literal["auto", "absolute", "none"]
 POSITIONALS: tuple[str, ...] = ("auto", "absolute", "none")
+Fbank = Literal["unpadded", "speechbrain"]
+FBANKS: tuple[str, ...] = ("unpadded", "speechbrain")
+FrontendNorm = Literal["channels", "channels_freq"]
+FRONTEND_NORMS: tuple[str, ...] = ("channels", "channels_freq")
+Init = Literal["torch", "xavier_normal"]
+INITS: tuple[str, ...] = ("torch", "xavier_normal")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +261,25 @@ class FrontendConfig:
     """Sinusoidal absolute positions after the front-end: ``"absolute"`` always, ``"none"`` never,
     ``"auto"`` when any layer's mixer asks for them (plain MHA, PoM, SummaryMixing)."""
 
+    fbank: Fbank = "unpadded"
+    """How the log-mel features are computed. ``"unpadded"``: Hann window, frames that lie inside
+    the utterance only (``1 + (s - window) // hop``), HTK mel triangles over ``[0, sr / 2]``,
+    ``log(mel + 1e-6)``. ``"speechbrain"`` (SpeechBrain ``Fbank``, what the released code used):
+    centred frames over zero padding (``1 + s // hop``), Hamming window, SpeechBrain's triangles
+    (centres evenly spaced in HTK mel over ``[0, sr / 2]``, each as wide on both sides as the gap
+    to its lower neighbour), ``10 log10(max(mel, 1e-10))`` floored at 80 dB below the
+    utterance's maximum."""
+
+    norm: FrontendNorm = "channels"
+    """LayerNorm of each conv block: ``"channels"`` (over the channels of each time-frequency
+    point) or ``"channels_freq"`` (over the frequency x channel plane of each frame, with a
+    per-(frequency, channel) gain and bias: SpeechBrain's ``ConvolutionFrontEnd``, the released
+    code)."""
+
+    proj_dropout_p: float = 0.0
+    """Dropout after the front-end's Linear projection to ``d`` (before the positions). The
+    released TransformerASR has one at the encoder dropout (0.1)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.conv_channels, list):
             object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
@@ -286,6 +311,11 @@ class FrontendConfig:
         _check_probability("frontend.dropout_p", self.dropout_p)
         if self.positional not in POSITIONALS:
             raise ValueError(f"frontend.positional must be one of {POSITIONALS}, got {self.positional!r}")
+        if self.fbank not in FBANKS:
+            raise ValueError(f"frontend.fbank must be one of {FBANKS}, got {self.fbank!r}")
+        if self.norm not in FRONTEND_NORMS:
+            raise ValueError(f"frontend.norm must be one of {FRONTEND_NORMS}, got {self.norm!r}")
+        _check_probability("frontend.proj_dropout_p", self.proj_dropout_p)
 
     @property
     def win_length(self) -> int:
@@ -327,7 +357,18 @@ class EncoderConfig:
     """Depthwise convolution kernel size (odd, so the convolution is centred)."""
 
     dropout_p: float = 0.1
-    """Dropout of the feed-forward, convolution and mixer residual branches."""
+    """Dropout of the feed-forward, convolution and (with ``mixer_dropout``) mixer residual branches."""
+
+    mixer_dropout: bool = True
+    """Dropout (``dropout_p``) on each mixer's output before its residual sum. The released
+    Conformer layer has none there (``False``); its attention dropout is the mixer's own
+    ``dropout_p`` option."""
+
+    init: Init = "torch"
+    """Initial weights: ``"torch"`` (each module's PyTorch default) or ``"xavier_normal"`` (the
+    released ``_init_params``: xavier-normal on every parameter with more than one dimension of
+    the encoder and of the front-end's Linear projection; the front-end's convolutions, the
+    LayerNorms, biases and the heads keep their defaults)."""
 
     layers: tuple[MixerSpec, ...] = field(default_factory=_default_layers)
     """The layer plan: one :class:`MixerSpec` per layer, lowest layer first."""
@@ -345,6 +386,10 @@ class EncoderConfig:
         if not _is_int(self.conv_kernel) or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"encoder.conv_kernel must be an odd integer >= 1, got {self.conv_kernel!r}")
         _check_probability("encoder.dropout_p", self.dropout_p)
+        if not isinstance(self.mixer_dropout, bool):
+            raise ValueError(f"encoder.mixer_dropout must be true or false, got {self.mixer_dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"encoder.init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.layers, tuple) or not all(isinstance(s, MixerSpec) for s in self.layers):
             raise ValueError(f"encoder.layers must be a tuple of MixerSpec, got {self.layers!r}")
         if len(self.layers) != self.num_layers:
@@ -678,24 +723,44 @@ class Preset:
     pom_k2d2_dim: int | None = None
     """The published ``model_dim`` of a pure PoM k=2 D=2 plan, when there is one."""
 
+    mixer_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per mixer name, options every layer of that mixer gets unless it sets them itself (e.g. the
+    released code's RelPosMHAXL flags for every ``mha_relpos`` layer, hybrids' lower layers too)."""
+
     @property
     def attention_dim(self) -> int:
         """``model_dim`` of plans made only of attention mixers."""
         return self.config.encoder.model_dim
 
 
-def _with_plan(config: ModelConfig, name: str, num_heads: int, **encoder: Any) -> ModelConfig:
+def _with_plan(
+    config: ModelConfig,
+    name: str,
+    num_heads: int,
+    mixer_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+    **encoder: Any,
+) -> ModelConfig:
     fields = {**config_to_dict(config.encoder), **encoder}
-    layers = _fill_options(uniform_plan(fields["num_layers"], name), num_heads=num_heads, dropout_p=fields["dropout_p"])
+    layers = _fill_options(
+        uniform_plan(fields["num_layers"], name),
+        num_heads=num_heads, dropout_p=fields["dropout_p"], mixer_defaults=mixer_defaults,
+    )
     return dataclasses.replace(config, encoder=EncoderConfig(**{**fields, "layers": layers}))
 
 
-def _fill_options(layers: Sequence[MixerSpec], *, num_heads: int, dropout_p: float) -> tuple[MixerSpec, ...]:
+def _fill_options(
+    layers: Sequence[MixerSpec],
+    *,
+    num_heads: int,
+    dropout_p: float,
+    mixer_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[MixerSpec, ...]:
     """Give every layer the preset's defaults for the options it does not set itself.
 
     Attention mixers get ``num_heads``; every mixer with a ``dropout_p`` option gets the encoder's
     dropout (the released Conformer passes one dropout to its attention, too); PoM-family mixers
-    get the paper's ``degree=2, expand=2`` written out, so the config says what it trains.
+    get the paper's ``degree=2, expand=2`` written out, so the config says what it trains; then
+    the preset's ``mixer_defaults`` for that mixer name (:attr:`Preset.mixer_defaults`).
     """
     filled: list[MixerSpec] = []
     cache: dict[MixerSpec, MixerSpec] = {}
@@ -710,17 +775,48 @@ def _fill_options(layers: Sequence[MixerSpec], *, num_heads: int, dropout_p: flo
             for key in ("degree", "expand"):
                 if key in accepted:
                     defaults[key] = 2
+            defaults.update((mixer_defaults or {}).get(spec.name, {}))
             cache[spec] = MixerSpec(name=spec.name, options={**defaults, **spec.options})
         filled.append(cache[spec])
     return tuple(filled)
 
 
+RELEASED_MIXER_DEFAULTS: dict[str, dict[str, Any]] = {
+    # SpeechBrain RelPosMHAXL + RelPosEncXL: scores scaled by 1/sqrt(d), |i - j| embedded, fused
+    # q/k/v projection without bias, output projection with one.
+    "mha_relpos": {"score_scale": "model_dim", "symmetric_positions": True, "bias": False, "out_bias": True},
+    # The released PoM averages its state over all frames, padding included.
+    "pom": {"pad_mean": "all"},
+    "pom_select": {"pad_mean": "all"},
+    "pom_split": {"pad_mean": "all"},
+}
+"""What the released code does differently from our defaults, per mixer (the ``base`` preset)."""
+
+
 def _base_preset() -> Preset:
-    """The paper's ~95M encoder (MODEL-FACTS): 12 layers, ffn 2048, conv kernel 31, dropout 0.1,
-    8 heads; d 576 for attention plans (front-end + encoder + BEST-RQ head 94.0M with relpos MHA)
-    and 488 for PoM k2 D2 (95.6M); any other plan is matched to 95M."""
-    config = ModelConfig()  # the section defaults are the paper's base relpos-MHA encoder
-    return Preset(name="base", config=config, num_heads=8, param_budget=95e6, pom_k2d2_dim=488)
+    """The paper's ~95M encoder as released (MODEL-FACTS): 12 layers, ffn 2048, conv kernel 31,
+    dropout 0.1, 8 heads; d 576 for attention plans (front-end + encoder + BEST-RQ head 94.0M
+    with relpos MHA) and 488 for PoM k2 D2 (95.6M); any other plan is matched to 95M.
+
+    The released code's details, each a field one ``--set`` away from our default: SpeechBrain
+    fbank (``frontend.fbank``), front-end LayerNorm over frequency x channels
+    (``frontend.norm``), dropout 0.1 after the front-end's Linear (``frontend.proj_dropout_p``),
+    xavier-normal init (``encoder.init``), no dropout on the mixer output
+    (``encoder.mixer_dropout``), and :data:`RELEASED_MIXER_DEFAULTS` for every layer (RelPosMHAXL
+    flags, PoM time mean over all frames; override with ``plan_options``/``lower_options``).
+    """
+    defaults = ModelConfig()  # the section defaults have the base sizes
+    config = dataclasses.replace(
+        defaults,
+        frontend=dataclasses.replace(defaults.frontend, fbank="speechbrain", norm="channels_freq", proj_dropout_p=0.1),
+    )
+    config = _with_plan(
+        config, "mha_relpos", 8, RELEASED_MIXER_DEFAULTS, init="xavier_normal", mixer_dropout=False
+    )
+    return Preset(
+        name="base", config=config, num_heads=8, param_budget=95e6, pom_k2d2_dim=488,
+        mixer_defaults=RELEASED_MIXER_DEFAULTS,
+    )
 
 
 def _tiny_preset() -> Preset:
@@ -732,8 +828,12 @@ def _tiny_preset() -> Preset:
     Front-end + encoder + BEST-RQ head: 1.25M with relpos MHA; other plans are matched to that
     (PoM k2 D2 at d 104). One BEST-RQ step (forward, backward, AdamW) on 8 x 4 s of audio took
     0.43 s (relpos MHA) and 0.32 s (PoM) on 2 CPU threads.
+
+    Built on the section defaults, not on ``base``'s released-code options: no padding in the
+    features (exact padding invariance), PyTorch init, the textbook relative attention and the
+    PoM mean over real frames, as the measured learning runs used (``--set`` any of them).
     """
-    base = _base_preset().config
+    base = ModelConfig()
     config = ModelConfig(
         frontend=dataclasses.replace(base.frontend, conv_channels=(64, 16)),
         encoder=base.encoder,
@@ -758,12 +858,16 @@ def _large_preset() -> Preset:
     matched to 315M (PoM k2 D2 lands at d 632, 313.5M).
     """
     base = _base_preset().config
-    config = _with_plan(base, "mha_relpos", 16, model_dim=768, num_layers=24, ffn_dim=2688)
-    return Preset(name="large", config=config, num_heads=16, param_budget=315e6)
+    config = _with_plan(
+        base, "mha_relpos", 16, RELEASED_MIXER_DEFAULTS, model_dim=768, num_layers=24, ffn_dim=2688
+    )
+    return Preset(
+        name="large", config=config, num_heads=16, param_budget=315e6, mixer_defaults=RELEASED_MIXER_DEFAULTS
+    )
 
 
 PRESETS: dict[str, Any] = {"tiny": _tiny_preset, "base": _base_preset, "large": _large_preset}
-"""Preset factories (tiny and large build on base); see each factory's docstring."""
+"""Preset factories (large builds on base, tiny on the section defaults); see each docstring."""
 
 
 def get_preset(name: str) -> Preset:
@@ -860,7 +964,8 @@ def make_config(
             ``best_rq={"mask_prob": 0.1}``; keys checked strictly.
 
     Every layer without explicit options gets ``num_heads`` (attention), the encoder's
-    ``dropout_p`` (mixers with a dropout) and ``degree=2, expand=2`` (PoM family).
+    ``dropout_p`` (mixers with a dropout), ``degree=2, expand=2`` (PoM family) and the preset's
+    ``mixer_defaults`` (``base``/``large``: the released code's options).
     """
     spec = get_preset(preset)
     for key in overrides:
@@ -887,7 +992,7 @@ def make_config(
             plan, num_layers, attention_layers=attention_layers, lower=lower,
             plan_options=plan_options, lower_options=lower_options,
         ),
-        num_heads=heads, dropout_p=dropout_p,
+        num_heads=heads, dropout_p=dropout_p, mixer_defaults=spec.mixer_defaults,
     )
     base_dict["encoder"]["layers"] = config_to_dict(layers)
 

@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from models.frontend import ConvSubsampling, FilterbankFeatures, GlobalNormalizer
 
 
+def xavier_normal_init_(module: nn.Module) -> nn.Module:
+    """Xavier-normal on every parameter of ``module`` with more than one dimension (the released
+    TransformerASR's ``_init_params``: linear and convolution weights, relative-position biases);
+    vectors (biases, LayerNorm gains) keep their values. Returns ``module``."""
+    for parameter in module.parameters():
+        if parameter.dim() > 1:
+            nn.init.xavier_normal_(parameter)
+    return module
+
+
 def _zero_padded(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
     return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
 
@@ -93,7 +103,7 @@ class ConformerBlock(nn.Module):
     ::
 
         x = x + 0.5 * ffn1(x)
-        x = x + Dropout(mixer(LayerNorm(x), padding_mask))
+        x = x + Dropout(mixer(LayerNorm(x), padding_mask))    Dropout only with mixer_dropout
         x = x + conv(x, padding_mask)
         x = LayerNorm(x + 0.5 * ffn2(x))        padded frames zeroed
 
@@ -102,6 +112,7 @@ class ConformerBlock(nn.Module):
         mixer: any token mixer of the registry (the one contract of :class:`TokenMixer`).
         conv: the convolution module.
         dropout_p: dropout on the mixer's output.
+        mixer_dropout: whether to apply it (the released Conformer layer does not: ``False``).
         mixer_name: registry name of ``mixer`` (for parameter reports); looked up when omitted.
     """
 
@@ -113,6 +124,7 @@ class ConformerBlock(nn.Module):
         ffn2: FeedForward,
         *,
         dropout_p: float,
+        mixer_dropout: bool = True,
         mixer_name: str | None = None,
     ) -> None:
         super().__init__()
@@ -120,7 +132,7 @@ class ConformerBlock(nn.Module):
         self.ffn1 = ffn1
         self.mixer_norm = nn.LayerNorm(model_dim)
         self.mixer = mixer
-        self.mixer_dropout = nn.Dropout(dropout_p)
+        self.mixer_dropout = nn.Dropout(dropout_p) if mixer_dropout else nn.Identity()
         self.conv = conv
         self.ffn2 = ffn2
         self.final_norm = nn.LayerNorm(model_dim)
@@ -154,7 +166,7 @@ def _registry_name(mixer: nn.Module) -> str:
 
 
 def build_conformer_block(
-    spec: MixerSpec, *, model_dim: int, ffn_dim: int, conv_kernel: int, dropout_p: float
+    spec: MixerSpec, *, model_dim: int, ffn_dim: int, conv_kernel: int, dropout_p: float, mixer_dropout: bool = True
 ) -> ConformerBlock:
     """The one factory of Conformer layers: the mixer comes from the registry by ``spec``."""
     return ConformerBlock(
@@ -163,6 +175,7 @@ def build_conformer_block(
         ConvModule(model_dim, conv_kernel, dropout_p),
         FeedForward(model_dim, ffn_dim, dropout_p),
         dropout_p=dropout_p,
+        mixer_dropout=mixer_dropout,
         mixer_name=spec.name,
     )
 
@@ -183,7 +196,8 @@ class ConformerEncoder(nn.Module):
     """A stack of Conformer layers built from a per-layer mixer plan, then a final LayerNorm.
 
     Args:
-        config: the encoder section (width, depth, ffn, conv kernel, dropout, one MixerSpec per layer).
+        config: the encoder section (width, depth, ffn, conv kernel, dropout, mixer-output dropout,
+            init, one MixerSpec per layer).
         positional: ``"absolute"``, ``"none"`` or ``"auto"`` (add sinusoidal positions to the input
             when any layer's mixer asks for them; relative/rotary attention encodes its own).
     """
@@ -201,10 +215,13 @@ class ConformerEncoder(nn.Module):
                 ffn_dim=config.ffn_dim,
                 conv_kernel=config.conv_kernel,
                 dropout_p=config.dropout_p,
+                mixer_dropout=config.mixer_dropout,
             )
             for spec in config.layers
         )
         self.final_norm = nn.LayerNorm(config.model_dim)
+        if config.init == "xavier_normal":
+            xavier_normal_init_(self)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode.
@@ -282,4 +299,5 @@ __all__ = [
     "SpeechEncoderMixin",
     "build_conformer_block",
     "uses_absolute_positions",
+    "xavier_normal_init_",
 ]

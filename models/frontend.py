@@ -31,21 +31,56 @@ def _check_lengths(name: str, lengths: torch.Tensor, batch: int) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {lengths.dtype}")
 
 
+FBANK_KINDS: tuple[str, ...] = ("unpadded", "speechbrain")
+
+
+def speechbrain_mel_filters(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> torch.Tensor:
+    """SpeechBrain ``Filterbank``'s triangular filters, ``(n_freqs, n)``.
+
+    ``n + 2`` points evenly spaced on the HTK mel scale (``2595 log10(1 + f / 700)``) over
+    ``[f_min, f_max]``; filter ``i`` is centred on point ``i + 1`` and falls to zero at
+    ``centre -/+ band``, ``band`` the gap to point ``i`` (symmetric in Hz, unlike the HTK
+    triangles that reach the next centre); frequencies ``linspace(0, sample_rate // 2, n_freqs)``.
+    """
+    f_max = sample_rate / 2 if f_max is None else f_max
+    to_mel = lambda hz: 2595.0 * math.log10(1.0 + hz / 700.0)  # noqa: E731
+    mel = torch.linspace(to_mel(f_min), to_mel(f_max), n_mels + 2, dtype=torch.float64)
+    hz = 700.0 * (10.0 ** (mel / 2595.0) - 1.0)  # (n + 2,)
+    centre, band = hz[1:-1], hz[1:-1] - hz[:-2]  # (n,)
+    freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)  # (n_freqs,)
+    slope = (freqs[:, None] - centre[None, :]) / band[None, :]  # (n_freqs, n)
+    return torch.clamp(torch.minimum(1.0 + slope, 1.0 - slope), min=0.0).float()
+
+
 class FilterbankFeatures(nn.Module):
     """80-dim log-mel filterbank, batched, with lengths (no parameters, nothing in the state dict).
 
-    Power spectrogram of a Hann window, ``window = n_fft`` samples, HTK mel filters over
-    ``[0, sample_rate / 2]``, then ``log(mel + floor)``. Frames are taken without centre padding
-    (``t = 1 + (s - window) // hop``), so every real frame lies inside its utterance and a padded
-    batch gives each utterance exactly the frames it gets alone. Always computed in float32.
+    ``kind="unpadded"``: power spectrogram of a Hann window, ``window = n_fft`` samples, HTK mel
+    filters over ``[0, sample_rate / 2]``, then ``log(mel + floor)``. Frames are taken without
+    centre padding (``t = 1 + (s - window) // hop``), so every real frame lies inside its utterance.
+
+    ``kind="speechbrain"``: SpeechBrain's ``Fbank`` (the released code's features): frames centred
+    on every hop over zero padding (``t = 1 + s // hop``), a Hamming window, power spectrum,
+    :func:`speechbrain_mel_filters`, ``10 log10(max(mel, 1e-10))``, then everything below the
+    utterance's maximum minus 80 dB raised to it (the maximum over its real frames, so padding
+    never changes it; SpeechBrain takes it over the padded sequence, where padded frames sit at
+    -100 dB). Samples beyond each length are zeroed first.
+
+    Either way a padded batch gives each utterance exactly the frames it gets alone. Always
+    computed in float32.
 
     Args:
         sample_rate: Hz.
         n_mels: ``n``.
         win_length: window (and FFT) length in samples (400 = 25 ms at 16 kHz).
         hop_length: hop in samples (160 = 10 ms at 16 kHz).
-        log_floor: added to the mel energies before the log.
+        log_floor: added to the mel energies before the log (``"unpadded"``).
+        kind: ``"unpadded"`` (default) or ``"speechbrain"``.
+        top_db: dynamic range kept below each utterance's maximum (``"speechbrain"``).
     """
+
+    amin: float = 1e-10
+    """SpeechBrain's floor of the mel energies before ``10 log10``."""
 
     def __init__(
         self,
@@ -55,34 +90,50 @@ class FilterbankFeatures(nn.Module):
         win_length: int = 400,
         hop_length: int = 160,
         log_floor: float = 1e-6,
+        kind: str = "unpadded",
+        top_db: float = 80.0,
     ) -> None:
         super().__init__()
         if hop_length < 1 or win_length < hop_length:
             raise ValueError(f"need 1 <= hop_length <= win_length, got hop_length={hop_length}, win_length={win_length}")
+        if kind not in FBANK_KINDS:
+            raise ValueError(f"kind must be one of {FBANK_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.top_db = float(top_db)
         self.sample_rate = sample_rate
         self.n_mels = n_mels
         self.win_length = win_length
         self.hop_length = hop_length
         self.log_floor = log_floor
         # Deterministic functions of the arguments: kept out of the state dict.
-        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+        window = torch.hamming_window if kind == "speechbrain" else torch.hann_window
+        self.register_buffer("window", window(win_length), persistent=False)
         with torch.device("cpu"):  # torchaudio inspects values: not possible on the meta device
-            fbank = torchaudio.functional.melscale_fbanks(
-                n_freqs=win_length // 2 + 1,
-                f_min=0.0,
-                f_max=sample_rate / 2,
-                n_mels=n_mels,
-                sample_rate=sample_rate,
-                norm=None,
-                mel_scale="htk",
-            )  # (win/2 + 1, n)
+            if kind == "speechbrain":
+                fbank = speechbrain_mel_filters(win_length // 2 + 1, n_mels, sample_rate)
+            else:
+                fbank = torchaudio.functional.melscale_fbanks(
+                    n_freqs=win_length // 2 + 1,
+                    f_min=0.0,
+                    f_max=sample_rate / 2,
+                    n_mels=n_mels,
+                    sample_rate=sample_rate,
+                    norm=None,
+                    mel_scale="htk",
+                )  # (win/2 + 1, n)
         self.register_buffer("mel_fbank", fbank.to(torch.get_default_device()), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"sample_rate={self.sample_rate}, n_mels={self.n_mels}, win_length={self.win_length}, hop_length={self.hop_length}"
+        return (
+            f"kind={self.kind!r}, sample_rate={self.sample_rate}, n_mels={self.n_mels}, "
+            f"win_length={self.win_length}, hop_length={self.hop_length}"
+        )
 
     def output_lengths(self, wave_lengths: torch.Tensor) -> torch.Tensor:
-        """Frames of a ``wave_lengths``-sample waveform: ``1 + (s - window) // hop`` (0 if shorter)."""
+        """Frames of a ``wave_lengths``-sample waveform: ``1 + (s - window) // hop`` (0 if shorter),
+        ``1 + s // hop`` for centred (``"speechbrain"``) frames."""
+        if self.kind == "speechbrain":
+            return torch.div(wave_lengths, self.hop_length, rounding_mode="floor") + 1
         frames = torch.div(wave_lengths - self.win_length, self.hop_length, rounding_mode="floor") + 1
         return frames.clamp_min(0)
 
@@ -100,6 +151,8 @@ class FilterbankFeatures(nn.Module):
         if wave.dim() != 2:
             raise ValueError(f"wave must have shape (batch, samples), got {tuple(wave.shape)}")
         _check_lengths("wave_lengths", wave_lengths, wave.shape[0])
+        if self.kind == "speechbrain":
+            return self._speechbrain(wave, wave_lengths)
         if wave.shape[1] < self.win_length:
             raise ValueError(
                 f"waveforms must have at least {self.win_length} samples (one analysis window), "
@@ -120,6 +173,29 @@ class FilterbankFeatures(nn.Module):
             mel = torch.matmul(power.transpose(1, 2), self.mel_fbank.float())  # (b, t, n)
             features = torch.log(mel + self.log_floor)
         pad = lengths_to_padding_mask(lengths, features.shape[1])
+        return features.masked_fill(pad.unsqueeze(-1), 0.0), lengths
+
+    def _speechbrain(self, wave: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``"speechbrain"`` features (see the class docstring)."""
+        lengths = self.output_lengths(wave_lengths)
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            wave = wave.float().masked_fill(lengths_to_padding_mask(wave_lengths, wave.shape[1]), 0.0)
+            spec = torch.stft(
+                wave,
+                n_fft=self.win_length,
+                hop_length=self.hop_length,
+                win_length=self.win_length,
+                window=self.window.float(),
+                center=True,
+                pad_mode="constant",
+                return_complex=True,
+            )  # (b, win/2 + 1, t)
+            power = spec.real.square() + spec.imag.square()
+            mel = torch.matmul(power.transpose(1, 2), self.mel_fbank.float())  # (b, t, n)
+            features = 10.0 * torch.log10(mel.clamp_min(self.amin))
+            pad = lengths_to_padding_mask(lengths, features.shape[1])
+            peak = features.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(dim=(1, 2))  # (b,)
+            features = torch.maximum(features, (peak - self.top_db)[:, None, None])
         return features.masked_fill(pad.unsqueeze(-1), 0.0), lengths
 
 
@@ -202,13 +278,27 @@ class GlobalNormalizer(nn.Module):
         return x.masked_fill(pad.unsqueeze(-1), 0.0)
 
 
-class _ConvBlock(nn.Module):
-    """Conv2d 3x3 stride 2 -> LayerNorm over channels -> LeakyReLU -> Dropout, on ``(b, c, t, n)``."""
+FRONTEND_NORMS: tuple[str, ...] = ("channels", "channels_freq")
 
-    def __init__(self, in_channels: int, out_channels: int, dropout_p: float) -> None:
+
+class _ConvBlock(nn.Module):
+    """Conv2d 3x3 stride 2 -> LayerNorm -> LeakyReLU -> Dropout, on ``(b, c, t, n)``.
+
+    The LayerNorm normalises the channels of each time-frequency point (``norm="channels"``) or
+    the whole frequency x channel plane of each frame (``"channels_freq"``, SpeechBrain's
+    ``ConvolutionFrontEnd``; ``out_freq`` is then the block's output frequency size).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout_p: float, norm: str = "channels", out_freq: int | None = None
+    ) -> None:
         super().__init__()
+        if norm not in FRONTEND_NORMS:
+            raise ValueError(f"norm must be one of {FRONTEND_NORMS}, got {norm!r}")
+        if norm == "channels_freq" and not out_freq:
+            raise ValueError("norm='channels_freq' needs the block's output frequency size out_freq")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_channels)
+        self.norm = nn.LayerNorm(out_channels if norm == "channels" else (out_freq, out_channels))
         self.activation = nn.LeakyReLU()
         self.dropout = nn.Dropout(dropout_p)
 
@@ -218,7 +308,7 @@ class _ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and not needs_autograd(self, x):
             return self._forward_inference(x)
-        x = self.conv(x).permute(0, 2, 3, 1)  # (b, t, n, c): LayerNorm normalises channels
+        x = self.conv(x).permute(0, 2, 3, 1)  # (b, t, n, c): LayerNorm over c, or over (n, c)
         x = self.dropout(self.activation(self.norm(x)))
         return x.permute(0, 3, 1, 2)  # (b, c, t, n)
 
@@ -251,21 +341,37 @@ class ConvSubsampling(nn.Module):
         channels: output channels of each conv block, e.g. ``(128, 32)``.
         model_dim: ``d``.
         dropout_p: dropout after each block.
+        norm: ``"channels"`` (default) or ``"channels_freq"`` (see :class:`_ConvBlock`).
+        proj_dropout_p: dropout after the Linear projection (the released code: the encoder's 0.1).
     """
 
-    def __init__(self, in_features: int, channels: Sequence[int], model_dim: int, dropout_p: float) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        channels: Sequence[int],
+        model_dim: int,
+        dropout_p: float,
+        *,
+        norm: str = "channels",
+        proj_dropout_p: float = 0.0,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("channels must name at least one conv block")
         self.in_features = in_features
         self.channels = tuple(channels)
         ins = (1,) + self.channels[:-1]
-        self.blocks = nn.ModuleList(_ConvBlock(i, o, dropout_p) for i, o in zip(ins, self.channels))
+        freqs = []
         freq = in_features
         for _ in self.channels:
             freq = (freq + 1) // 2
+            freqs.append(freq)
+        self.blocks = nn.ModuleList(
+            _ConvBlock(i, o, dropout_p, norm=norm, out_freq=f) for i, o, f in zip(ins, self.channels, freqs)
+        )
         self.out_features = self.channels[-1] * freq
         self.proj = nn.Linear(self.out_features, model_dim)
+        self.proj_dropout = nn.Dropout(proj_dropout_p)
 
     @property
     def subsampling_factor(self) -> int:
@@ -302,7 +408,7 @@ class ConvSubsampling(nn.Module):
             else:  # inference: the block's output is ours to overwrite
                 x.masked_fill_(pad[:, None, :, None], 0.0)
         x = x.transpose(1, 2).flatten(2)  # (b, t', c * n'): channel-major flatten
-        x = self.proj(x).masked_fill(pad.unsqueeze(-1), 0.0)  # (b, t', d)
+        x = self.proj_dropout(self.proj(x)).masked_fill(pad.unsqueeze(-1), 0.0)  # (b, t', d)
         return x, lengths
 
 
@@ -337,4 +443,5 @@ __all__ = [
     "SinusoidalPositions",
     "lengths_to_padding_mask",
     "sinusoidal_positions",
+    "speechbrain_mel_filters",
 ]

@@ -282,7 +282,8 @@ def test_encoder_rejects_bad_inputs() -> None:
 def _distinct_config() -> ModelConfig:
     return ModelConfig(
         frontend=FrontendConfig(
-            sample_rate=8000, n_mels=24, win_ms=20.0, hop_ms=12.5, conv_channels=(6, 5), dropout_p=0.123, positional="none"
+            sample_rate=8000, n_mels=24, win_ms=20.0, hop_ms=12.5, conv_channels=(6, 5), dropout_p=0.123, positional="none",
+            fbank="speechbrain", norm="channels_freq", proj_dropout_p=0.111,
         ),
         encoder=EncoderConfig(
             model_dim=40,
@@ -290,6 +291,8 @@ def _distinct_config() -> ModelConfig:
             ffn_dim=72,
             conv_kernel=7,
             dropout_p=0.234,
+            mixer_dropout=False,
+            init="xavier_normal",
             layers=(
                 MixerSpec(name="mha", options={"num_heads": 5, "dropout_p": 0.345}),
                 MixerSpec(name="pom", options={"degree": 3, "expand": 1}),
@@ -313,11 +316,12 @@ def test_every_config_field_reaches_its_module() -> None:
         feats = model.features
         assert (feats.sample_rate, feats.n_mels, feats.win_length, feats.hop_length) == (8000, 24, 160, 100)
         assert feats.mel_fbank.shape == (160 // 2 + 1, 24)
+        assert feats.kind == "speechbrain" and torch.equal(feats.window, torch.hamming_window(160))
         assert model.normalizer.mean.shape == (24,)
         front = model.frontend
         assert [b.conv.out_channels for b in front.blocks] == [6, 5]
-        assert [b.norm.normalized_shape for b in front.blocks] == [(6,), (5,)]
-        assert _dropouts(front) == {0.123}
+        assert [b.norm.normalized_shape for b in front.blocks] == [(12, 6), (6, 5)]  # (freq, channels)
+        assert {b.dropout.p for b in front.blocks} == {0.123} and front.proj_dropout.p == 0.111
         assert front.proj.in_features == 5 * 6 and front.proj.out_features == 40
         enc = model.encoder
         assert enc.positions is None  # positional="none" overrides the mha/pom request
@@ -326,6 +330,7 @@ def test_every_config_field_reaches_its_module() -> None:
             assert block.ffn1.inner.out_features == block.ffn2.inner.out_features == 72
             assert block.conv.depthwise.kernel_size == (7,) and block.conv.depthwise.groups == 40
             assert _dropouts(block) == {0.234}
+            assert isinstance(block.mixer_dropout, nn.Identity)  # mixer_dropout=False
         mha, pom = enc.blocks[0].mixer, enc.blocks[1].mixer
         assert (type(mha), mha.num_heads, mha.dropout_p) == (MIXERS["mha"], 5, 0.345)
         assert (type(pom), pom.degree, pom.expand) == (MIXERS["pom"], 3, 1)
@@ -340,6 +345,21 @@ def test_every_config_field_reaches_its_module() -> None:
     assert _dropouts(head) == {0.456}
     assert (head.output.in_features, head.output.out_features) == (48, 31)
     assert ctc_model.blank == 3 and ctc_model.vocab_size == 31
+
+
+def test_released_options_and_their_alternatives_reach_the_modules() -> None:
+    """Each released-code option and today's alternative, one field at a time."""
+    base = make_config("tiny", plan="mha", model_dim=32, encoder={"num_layers": 1})
+    model = build_best_rq(base)
+    assert model.features.kind == "unpadded" and torch.equal(model.features.window, torch.hann_window(400))
+    assert [b.norm.normalized_shape for b in model.frontend.blocks] == [(64,), (16,)]
+    assert isinstance(model.encoder.blocks[0].mixer_dropout, nn.Dropout)
+    assert model.encoder.blocks[0].mixer_dropout.p == base.encoder.dropout_p
+    assert model.frontend.proj_dropout.p == 0.0
+    wave, lengths = torch.randn(2, 4000), torch.tensor([4000, 3000])
+    assert model.features(wave, lengths)[1].tolist() == [1 + (4000 - 400) // 160, 1 + (3000 - 400) // 160]
+    sb = build_best_rq(make_config("tiny", plan="mha", model_dim=32, encoder={"num_layers": 1}, frontend={"fbank": "speechbrain"}))
+    assert sb.features(wave, lengths)[1].tolist() == [1 + 4000 // 160, 1 + 3000 // 160]
 
 
 def test_distinct_config_runs_end_to_end() -> None:

@@ -36,6 +36,9 @@ VARIANTS: list[tuple[str, dict]] = [(name, SMALL.get(name, {})) for name in sort
     ("pom_split", {"parts": 3}),
     ("summary_mixing", {"mode": "lite"}),
     ("summary_mixing", {"local_dim": 5, "summary_dim": 7, "combiner_dim": 9}),
+    ("summary_mixing", {"local_hidden_dim": 0, "summary_hidden_dim": 0, "combiner_dim": 12}),
+    ("summary_mixing", {"num_heads": 3, "local_hidden_dim": 6, "summary_dim": 9}),
+    ("summary_mixing", {"num_heads": 2, "mode": "lite", "bias": False}),
     ("mha_relpos", {"num_heads": 3, "score_scale": "model_dim", "symmetric_positions": True}),
     ("mha_rope", {"num_heads": 1, "rope_base": 100.0}),
 ]
@@ -142,12 +145,31 @@ def naive_pom_split(m, x_seq, length, t):
     return out
 
 
+def head_lin(layer, v: torch.Tensor) -> torch.Tensor:
+    """A head-split (block-diagonal) layer, one head at a time: weight rows ``(out, in / h)``."""
+    h = layer.groups
+    i, o = v.numel() // h, layer.weight.shape[0] // h
+    parts = [layer.weight[g * o : (g + 1) * o] @ v[g * i : (g + 1) * i] for g in range(h)]
+    y = torch.cat(parts)
+    return y if layer.bias is None else y + layer.bias
+
+
 def naive_summary_mixing(m, x_seq, length, t):
-    summary = sum(gelu(lin(m.summary, x_seq[i])) for i in range(length)) / max(length, 1)
+    def branch(layers, v):
+        for layer in layers:
+            v = gelu(head_lin(layer, v))
+        return v
+
+    def combine(z):
+        if len(m.combiner) == 1:
+            return gelu(lin(m.combiner[0], z))
+        return lin(m.combiner[1], gelu(lin(m.combiner[0], z)))
+
+    summary = sum(branch(m.summary, x_seq[i]) for i in range(length)) / max(length, 1)
     out = []
     for i in range(length):
-        z = summary if m.mode == "lite" else torch.cat([gelu(lin(m.local, x_seq[i])), summary])
-        out.append(lin(m.combiner_out, gelu(lin(m.combiner_in, z))))
+        z = summary if m.mode == "lite" else torch.cat([branch(m.local, x_seq[i]), summary])
+        out.append(combine(z))
     return out
 
 
@@ -541,7 +563,10 @@ BAD_ARGS = [
     ("summary_mixing", D, {"mode": "medium"}, "mode"),
     ("summary_mixing", D, {"local_dim": 0}, "local_dim"),
     ("summary_mixing", D, {"summary_dim": -1}, "summary_dim"),
-    ("summary_mixing", D, {"combiner_dim": 0}, "combiner_dim"),
+    ("summary_mixing", D, {"combiner_dim": -1}, "combiner_dim"),
+    ("summary_mixing", D, {"local_hidden_dim": -1}, "local_hidden_dim"),
+    ("summary_mixing", D, {"num_heads": 5}, "num_heads"),
+    ("summary_mixing", D, {"num_heads": 2, "summary_dim": 7}, "summary branch"),
     ("summary_mixing", D, {"dropout_p": 1.0}, "dropout_p"),
 ]
 

@@ -46,13 +46,18 @@ class _AttentionBase(TokenMixer):
 
     is_attention: ClassVar[bool] = True
 
-    def __init__(self, model_dim: int, *, num_heads: int, dropout_p: float, bias: bool) -> None:
+    def __init__(
+        self, model_dim: int, *, num_heads: int, dropout_p: float, bias: bool, out_bias: bool | None = None
+    ) -> None:
         super().__init__(model_dim)
         self.num_heads = _check_heads(model_dim, num_heads)
         self.head_dim = model_dim // self.num_heads
         self.dropout_p = _check_dropout(dropout_p)
-        self.qkv = nn.Linear(model_dim, 3 * model_dim, bias=bias)
-        self.out_proj = nn.Linear(model_dim, model_dim, bias=bias)
+        for name, value in (("bias", bias), ("out_bias", out_bias)):
+            if not isinstance(value, bool) and not (name == "out_bias" and value is None):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        self.qkv = nn.Linear(model_dim, 3 * model_dim, bias=bias)  # fused, as SpeechBrain's in_proj_weight
+        self.out_proj = nn.Linear(model_dim, model_dim, bias=bias if out_bias is None else out_bias)
 
     def extra_repr(self) -> str:
         return f"model_dim={self.model_dim}, num_heads={self.num_heads}, dropout_p={self.dropout_p}"
@@ -83,14 +88,21 @@ class MultiHeadAttention(_AttentionBase):
         num_heads: ``h`` (default 8).
         dropout_p: attention-probability dropout, applied in training only (default 0.0).
         bias: whether the q/k/v and output projections have biases (default True).
+        out_bias: whether the output projection has one (default: as ``bias``).
     """
 
     positional: ClassVar[Positional] = "absolute"
 
     def __init__(
-        self, model_dim: int, *, num_heads: int = 8, dropout_p: float = 0.0, bias: bool = True
+        self,
+        model_dim: int,
+        *,
+        num_heads: int = 8,
+        dropout_p: float = 0.0,
+        bias: bool = True,
+        out_bias: bool | None = None,
     ) -> None:
-        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias)
+        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias, out_bias=out_bias)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """Mix tokens.
@@ -181,8 +193,8 @@ class RelPosMultiHeadAttention(_AttentionBase):
     SpeechBrain's ``RelPosMHAXL`` + ``RelPosEncXL`` (what the paper's RelPos baseline ran) differs
     from the equations above in two ways, both available here: it scales scores by
     ``1/sqrt(d)`` instead of ``1/sqrt(c)`` (``score_scale="model_dim"``) and, by default, gives
-    offsets ``-n`` and ``+n`` the same embedding (``symmetric_positions=True``). It also has no
-    q/k/v biases (``bias=False`` here removes those and the output bias).
+    offsets ``-n`` and ``+n`` the same embedding (``symmetric_positions=True``). Its fused q/k/v
+    projection has no bias and its output projection has one (``bias=False, out_bias=True``).
 
     Args:
         model_dim: ``d``, divisible by ``num_heads``, even.
@@ -190,6 +202,7 @@ class RelPosMultiHeadAttention(_AttentionBase):
         dropout_p: attention-probability dropout, applied in training only (default 0.0).
         bias: whether the q/k/v and output projections have biases (default True);
             ``linear_pos`` never has one.
+        out_bias: whether the output projection has one (default: as ``bias``).
         score_scale: ``"head_dim"`` (default, ``1/sqrt(c)``) or ``"model_dim"`` (``1/sqrt(d)``,
             SpeechBrain).
         symmetric_positions: embed ``|i - j|`` instead of ``i - j`` (default False; True is
@@ -205,10 +218,11 @@ class RelPosMultiHeadAttention(_AttentionBase):
         num_heads: int = 8,
         dropout_p: float = 0.0,
         bias: bool = True,
+        out_bias: bool | None = None,
         score_scale: Literal["head_dim", "model_dim"] = "head_dim",
         symmetric_positions: bool = False,
     ) -> None:
-        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias)
+        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias, out_bias=out_bias)
         if model_dim % 2 != 0:
             raise ValueError(f"model_dim must be even for sinusoidal relative positions, got {model_dim}")
         if score_scale not in SCORE_SCALES:
@@ -298,6 +312,7 @@ class RotaryMultiHeadAttention(_AttentionBase):
         num_heads: ``h`` (default 8).
         dropout_p: attention-probability dropout, applied in training only (default 0.0).
         bias: whether the q/k/v and output projections have biases (default True).
+        out_bias: whether the output projection has one (default: as ``bias``).
         rope_base: the rotary base (default 10000).
     """
 
@@ -310,9 +325,10 @@ class RotaryMultiHeadAttention(_AttentionBase):
         num_heads: int = 8,
         dropout_p: float = 0.0,
         bias: bool = True,
+        out_bias: bool | None = None,
         rope_base: float = 10000.0,
     ) -> None:
-        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias)
+        super().__init__(model_dim, num_heads=num_heads, dropout_p=dropout_p, bias=bias, out_bias=out_bias)
         if self.head_dim % 2 != 0:
             raise ValueError(
                 f"model_dim / num_heads must be even for rotary positions, got "
