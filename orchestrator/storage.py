@@ -3,38 +3,56 @@
 Both backends have the same methods and the same layout of relative paths (``rel``), see
 :mod:`orchestrator.driver`. Code that writes files the training loops read back (checkpoints,
 reports) works in :meth:`Storage.local` -- for a folder that is the storage itself, for S3 a
-node-local working folder (``POM_WORK_DIR``, default ``<tmp>/pom-ablations-work``) that mirrors
-the prefix -- and then publishes them:
+node-local working folder (under ``POM_WORK_DIR``, default ``<tmp>/pom-ablations-work``) that
+mirrors the prefix -- and then publishes them:
 
 * small records (``trial.json``, ``pretrain.done.json``, ``final_metrics.json``, ...) with
   :meth:`write_json` / :meth:`read_json` (atomic: a rename locally, one complete PUT on S3);
 * checkpoints with :meth:`push_checkpoint` after the loop has written one, and
   :meth:`pull_checkpoint` before a stage starts or resumes, so a trial restarted on another
   node resumes from its newest checkpoint. On S3 a checkpoint ``<rel>/step-N/`` is its files
-  followed by a ``step-N/_COMPLETE.json`` marker listing them; only checkpoints with a marker
-  count, so an upload cut short is never picked up;
+  followed by a ``step-N/_COMPLETE.json`` marker listing them with their sizes and SHA-256;
+  only checkpoints with a marker count, so an upload cut short is never picked up;
 * Ray Tune / Ray Train storage through :meth:`ray_storage` (``storage_path`` and a
   ``pyarrow.fs.S3FileSystem`` built from the standard ``AWS_*`` variables: no key is passed
   explicitly, so none ends up in a pickled run configuration).
 
-S3 access honours ``AWS_ENDPOINT_URL`` (any S3-compatible server), ``AWS_ACCESS_KEY_ID``,
+Nothing node-local is reused unless the durable store proves it belongs to this store: the
+working folder is keyed by the store's identity (endpoint, bucket, prefix and the instance id in
+``<prefix>/_storage_id.json``, written once at first use, so a bucket purged and created again is
+a new store), and :meth:`S3Storage.pull_checkpoint` keeps a local checkpoint only when S3 holds
+its completion marker with the same content hash, deleting any other.
+
+S3 access (:mod:`orchestrator.s3`, the project's one S3 layer) honours ``AWS_ENDPOINT_URL`` (any S3-compatible server), ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``; every failure is one
 :class:`StorageError` line naming the URI and what to check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.train.checkpoint import atomic_write_bytes, latest_checkpoint
+from orchestrator import s3
+from orchestrator.fileio import atomic_write_bytes, json_bytes, sha256_file
+from orchestrator.train.checkpoint import latest_checkpoint, list_checkpoints
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "_COMPLETE.json"
+STORAGE_ID = "_storage_id.json"
+BEST_POINTER = "best.json"  # orchestrator.train.checkpoint's pointer to the best fine-tuning checkpoint
 WORK_DIR_ENV = "POM_WORK_DIR"
 
 
@@ -78,7 +96,7 @@ class Storage:
         raise NotImplementedError
 
     def write_json(self, rel: str, obj: Any) -> Path:
-        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        return self.write_bytes(rel, json_bytes(obj))
 
     def read_bytes(self, rel: str) -> bytes | None:
         """The content of ``rel``, or ``None`` when there is no such file."""
@@ -147,9 +165,7 @@ class LocalStorage(Storage):
         return str(self.local(rel))
 
     def write_bytes(self, rel: str, data: bytes) -> Path:
-        path = self.local(rel)
-        atomic_write_bytes(path, data)
-        return path
+        return atomic_write_bytes(self.local(rel), data)
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:
@@ -187,24 +203,67 @@ class LocalStorage(Storage):
 
 
 class S3Storage(Storage):
-    """``s3://bucket/prefix`` with a node-local working folder; boto3 for objects."""
+    """``s3://bucket/prefix`` with a node-local working folder; :mod:`orchestrator.s3` for objects."""
 
     is_remote = True
 
     def __init__(self, uri: str, *, work_dir: str | os.PathLike | None = None) -> None:
-        from orchestrator.data.s3 import split_s3_uri
-        from orchestrator.data.errors import CorpusError
-
         try:
-            self.bucket, prefix = split_s3_uri(uri)
-        except CorpusError as err:
+            self.bucket, prefix = s3.split_s3_uri(uri)
+        except s3.S3Error as err:
             raise StorageError(str(err)) from None
         self.prefix = _clean_rel(prefix)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        base = Path(work_dir or os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir()) / "pom-ablations-work")
-        self.work = base.expanduser().resolve() / self.bucket / self.prefix
+        base = work_dir or os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir()) / "pom-ablations-work"
+        self.work_base = Path(base).expanduser().resolve()
+        self._identity: str | None = None
+        self._work: Path | None = None
 
-    # paths --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """S3 errors (one translation, :func:`orchestrator.s3.s3_error`) as ``StorageError`` naming storage.path."""
+        try:
+            yield
+        except s3.S3Error as err:
+            raise StorageError(f"storage.path {self.uri}: {err}") from None
+
+    # identity and paths -------------------------------------------------------------------
+    def identity(self) -> str:
+        """This store's instance id, from ``<prefix>/_storage_id.json`` (written once, at first use).
+
+        A bucket purged and created again, or another server at the same address, gets a new
+        id, so node-local copies made for the old store are never taken for this one's.
+        """
+        if self._identity is None:
+            key = self.key(STORAGE_ID)
+            with self._translated():
+                data = s3.get_bytes(self.bucket, key)
+                if data is None:
+                    record = {"id": uuid.uuid4().hex, "uri": self.uri, "created": time.time()}
+                    try:
+                        s3.put_bytes(self.bucket, key, json_bytes(record), if_none_match=True)
+                    except s3.S3ConditionFailed:
+                        pass  # another process created it first: use theirs
+                    data = s3.get_bytes(self.bucket, key)
+            try:
+                identity = json.loads((data or b"").decode())["id"]
+                if not isinstance(identity, str) or not identity:
+                    raise ValueError(identity)
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise StorageError(f"{self.describe(STORAGE_ID)} is not a storage identity record: delete it "
+                                   "(a new one is written; node-local copies of the old store are not reused)") from None
+            self._identity = identity
+        return self._identity
+
+    @property
+    def work(self) -> Path:
+        """The node-local working folder: ``<POM_WORK_DIR>/<bucket>-<hash of endpoint, bucket, prefix, identity>/<prefix>``."""
+        if self._work is None:
+            who = f"{s3.endpoint_url() or 'aws'}|{self.bucket}|{self.prefix}|{self.identity()}"
+            digest = hashlib.sha256(who.encode()).hexdigest()[:16]
+            self._work = self.work_base / f"{self.bucket}-{digest}" / self.prefix
+        return self._work
+
     def key(self, rel: str = "") -> str:
         rel = _clean_rel(rel)
         return "/".join(p for p in (self.prefix, rel) if p)
@@ -216,105 +275,39 @@ class S3Storage(Storage):
     def describe(self, rel: str = "") -> str:
         return f"s3://{self.bucket}/{self.key(rel)}"
 
-    # boto3 --------------------------------------------------------------------------------
-    def _client(self):
-        from orchestrator.data.s3 import get_client
-
-        return get_client()
-
-    def _error(self, exc: Exception, rel: str, action: str) -> StorageError:
-        from orchestrator.data.s3 import s3_error
-
-        text = str(s3_error(exc, self.describe(rel), action))
-        text = text.replace("(upload --create-bucket does)", "")
-        return StorageError(f"storage.path {self.uri}: {text}")
-
-    def _call(self, rel: str, action: str, fn, **kwargs):
-        from botocore import exceptions as bx
-
-        try:
-            return fn(**kwargs)
-        except (bx.BotoCoreError, bx.ClientError) as exc:
-            raise self._error(exc, rel, action) from None
-
-    def _list(self, rel: str, *, delimiter: bool = False) -> tuple[list[dict], list[str]]:
-        from botocore import exceptions as bx
-
+    def _list(self, rel: str) -> list[s3.S3Object]:
         prefix = self.key(rel)
-        prefix = f"{prefix}/" if prefix else ""
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = "/"
-        objects, folders = [], []
-        try:
-            for page in self._client().get_paginator("list_objects_v2").paginate(**kwargs):
-                objects.extend(page.get("Contents", []))
-                folders.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
-        except (bx.BotoCoreError, bx.ClientError) as exc:
-            raise self._error(exc, rel, "list") from None
-        return objects, folders
+        with self._translated():
+            return s3.list_objects(self.bucket, f"{prefix}/" if prefix else "")
 
     def _upload(self, path: Path, rel: str) -> None:
-        # upload_file sends large files in parts; S3 shows the object only once it is complete.
-        self._call(rel, "upload", self._client().upload_file, Filename=str(path), Bucket=self.bucket, Key=self.key(rel))
-
-    def _download(self, rel: str, path: Path, size: int | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-        try:
-            self._call(rel, "download", self._client().download_file, Bucket=self.bucket, Key=self.key(rel), Filename=tmp)
-            got = os.path.getsize(tmp)
-            if size is not None and got != size:
-                raise StorageError(f"download of {self.describe(rel)} was cut short ({got} of {size} bytes): retry")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._translated():
+            s3.upload_file(path, self.bucket, self.key(rel))
 
     # records ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> Path:
-        path = self.local(rel)
-        atomic_write_bytes(path, data)
-        self._call(rel, "write", self._client().put_object, Bucket=self.bucket, Key=self.key(rel), Body=data)
+        path = atomic_write_bytes(self.local(rel), data)
+        with self._translated():
+            s3.put_bytes(self.bucket, self.key(rel), data)
         return path
 
     def read_bytes(self, rel: str) -> bytes | None:
-        from botocore import exceptions as bx
-
-        try:
-            reply = self._client().get_object(Bucket=self.bucket, Key=self.key(rel))
-            return reply["Body"].read()
-        except bx.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404"):
-                return None
-            raise self._error(exc, rel, "read") from None
-        except bx.BotoCoreError as exc:
-            raise self._error(exc, rel, "read") from None
+        with self._translated():
+            return s3.get_bytes(self.bucket, self.key(rel))
 
     def exists(self, rel: str) -> bool:
-        from botocore import exceptions as bx
-
-        try:
-            self._client().head_object(Bucket=self.bucket, Key=self.key(rel))
-            return True
-        except bx.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return False
-            raise self._error(exc, rel, "read") from None
-        except bx.BotoCoreError as exc:
-            raise self._error(exc, rel, "read") from None
+        with self._translated():
+            return s3.object_exists(self.bucket, self.key(rel))
 
     def has_prefix(self, rel: str) -> bool:
         prefix = self.key(rel)
-        reply = self._call(rel, "list", self._client().list_objects_v2, Bucket=self.bucket,
-                           Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
-        return bool(reply.get("KeyCount") or reply.get("Contents"))
+        with self._translated():
+            return s3.prefix_exists(self.bucket, f"{prefix}/" if prefix else "")
 
     def list_dirs(self, rel: str) -> list[str]:
-        return sorted(n for n in self._list(rel, delimiter=True)[1] if n)
+        prefix = self.key(rel)
+        with self._translated():
+            return s3.list_folders(self.bucket, f"{prefix}/" if prefix else "")
 
     def push_file(self, rel: str) -> None:
         self._upload(self.local(rel), rel)
@@ -327,22 +320,34 @@ class S3Storage(Storage):
 
     def check(self) -> None:
         """The bucket exists and accepts a write and a delete under the prefix."""
-        self._call("", "open bucket", self._client().head_bucket, Bucket=self.bucket)
-        probe = ".write-check"
-        self._call(probe, "write", self._client().put_object, Bucket=self.bucket, Key=self.key(probe), Body=b"ok\n")
-        self._call(probe, "delete", self._client().delete_object, Bucket=self.bucket, Key=self.key(probe))
+        probe = self.key(".write-check")
+        with self._translated():
+            s3.ensure_bucket(self.bucket, create=False)
+            s3.put_bytes(self.bucket, probe, b"ok\n")
+            s3.delete_object(self.bucket, probe)
 
     # checkpoints --------------------------------------------------------------------------
     def _markers(self, rel: str) -> dict[int, str]:
         """step -> marker key of the complete checkpoints under ``rel``."""
         base = self.key(rel)
         found = {}
-        for obj in self._list(rel)[0]:
-            tail = obj["Key"][len(base) + 1:] if base else obj["Key"]
-            parts = tail.split("/")
+        for obj in self._list(rel):
+            parts = (obj.key[len(base) + 1:] if base else obj.key).split("/")
             if len(parts) == 2 and parts[1] == COMPLETE_MARKER and (step := _step(parts[0])) is not None:
-                found[step] = obj["Key"]
+                found[step] = obj.key
         return found
+
+    def _marker(self, key: str) -> dict[str, Any]:
+        with self._translated():
+            raw = s3.get_bytes(self.bucket, key)
+        try:
+            marker = json.loads((raw or b"").decode())
+            if not isinstance(marker.get("files"), dict):
+                raise ValueError(key)
+            return marker
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise StorageError(f"s3://{self.bucket}/{key} is not a checkpoint completion marker: delete that "
+                               "checkpoint folder in S3") from None
 
     def checkpoint_steps(self, rel: str) -> list[int]:
         return sorted(self._markers(rel))
@@ -353,56 +358,94 @@ class S3Storage(Storage):
         if step is None or not (folder / "state.pt").is_file():
             raise StorageError(f"{folder} is not a complete checkpoint folder (step-N with state.pt)")
         rel = _clean_rel(rel)
-        files = {}
-        for path in _files(folder):
-            name = path.relative_to(folder).as_posix()
-            self._upload(path, f"{rel}/{folder.name}/{name}")
-            files[name] = path.stat().st_size
+        files = _manifest(folder)
+        for name in files:
+            self._upload(folder / name, f"{rel}/{folder.name}/{name}")
+        best = _best_pointer(folder.parent)
         # The marker goes last: a checkpoint without it is an upload cut short and never used.
-        marker = json.dumps({"step": step, "files": files}, sort_keys=True).encode()
-        self._call(rel, "write", self._client().put_object, Bucket=self.bucket,
-                   Key=self.key(f"{rel}/{folder.name}/{COMPLETE_MARKER}"), Body=marker)
+        marker = {"step": step, "files": files, "sha256": _content_hash(files), "storage_id": self.identity(),
+                  "best": best}
+        with self._translated():
+            s3.put_bytes(self.bucket, self.key(f"{rel}/{folder.name}/{COMPLETE_MARKER}"), json_bytes(marker))
         if keep > 0:
-            self._prune(rel, keep)
+            self._prune(rel, keep, protected=None if best is None else _step(str(best.get("path", ""))))
 
-    def _prune(self, rel: str, keep: int) -> None:
+    def _prune(self, rel: str, keep: int, *, protected: int | None = None) -> None:
+        """Delete all but the newest ``keep`` checkpoints (and the best one), as the local folder does."""
         steps = self.checkpoint_steps(rel)
         if len(steps) <= keep:
             return
         oldest_kept = steps[-keep]
-        objects = self._list(rel)[0]
         base = self.key(rel)
         doomed: dict[int, list[str]] = {}
-        for obj in objects:
-            step = _step(obj["Key"][len(base) + 1:].split("/", 1)[0])
-            if step is not None and step < oldest_kept:
-                doomed.setdefault(step, []).append(obj["Key"])
-        for step, keys in doomed.items():
-            # The marker first: a checkpoint being deleted stops counting before its files go.
-            keys.sort(key=lambda k: not k.endswith(f"/{COMPLETE_MARKER}"))
-            for key in keys:
-                self._call(rel, "delete", self._client().delete_object, Bucket=self.bucket, Key=key)
+        for obj in self._list(rel):
+            step = _step(obj.key[len(base) + 1:].split("/", 1)[0])
+            if step is not None and step < oldest_kept and step != protected:
+                doomed.setdefault(step, []).append(obj.key)
+        with self._translated():
+            for keys in doomed.values():
+                # The marker first: a checkpoint being deleted stops counting before its files go.
+                keys.sort(key=lambda k: not k.endswith(f"/{COMPLETE_MARKER}"))
+                for key in keys:
+                    s3.delete_object(self.bucket, key)
 
     def pull_checkpoint(self, rel: str) -> Path | None:
+        """The newest checkpoint S3 proves complete, verified or downloaded into the working folder.
+
+        A local checkpoint is kept only when S3 holds its completion marker and its files hash
+        to the marker's content hash; any other (left by a run on a purged store, or written
+        but never uploaded) is deleted, so the training loop cannot resume from it.
+        """
         rel = _clean_rel(rel)
         root = self.local(rel)
-        local = latest_checkpoint(root)
-        local_step = _step(local.name) if local is not None else None
-        markers = self._markers(rel)
-        if not markers:
-            return local
-        step = max(markers)
-        if local_step is not None and local_step >= step:
-            return local
+        keys = self._markers(rel)
+        read: dict[int, dict[str, Any]] = {}
+
+        def marker(step: int) -> dict[str, Any]:
+            if step not in read:
+                read[step] = self._marker(keys[step])
+            return read[step]
+
+        verified: dict[int, Path] = {}
+        for folder in list_checkpoints(root):
+            step = _step(folder.name)
+            why = "S3 holds no completion marker for it"
+            if step in keys:
+                if _content_hash(_manifest(folder)) == marker(step).get("sha256"):
+                    verified[step] = folder
+                    continue
+                why = "its content differs from the completion marker in S3"
+            log.warning("discarding node-local checkpoint %s: %s (%s)", folder, why, self.describe(rel))
+            shutil.rmtree(folder, ignore_errors=True)
+        if not keys:
+            (root / BEST_POINTER).unlink(missing_ok=True)
+            return None
+        step = max(keys)
+        newest = verified.get(step) or self._download_checkpoint(rel, step, marker(step))
+        best = marker(step).get("best")
+        best_step = _step(str(best.get("path", ""))) if isinstance(best, dict) else None
+        if best_step is not None and best_step in keys:  # fine-tuning resumes with its best checkpoint
+            if best_step not in verified and best_step != step:
+                self._download_checkpoint(rel, best_step, marker(best_step))
+            atomic_write_bytes(root / BEST_POINTER, json_bytes(best))
+        else:  # a pointer S3 does not confirm names nothing of this store
+            (root / BEST_POINTER).unlink(missing_ok=True)
+        return newest
+
+    def _download_checkpoint(self, rel: str, step: int, marker: dict[str, Any]) -> Path:
         name = f"{CHECKPOINT_PREFIX}{step:08d}"
-        raw = self._call(rel, "read", self._client().get_object, Bucket=self.bucket, Key=markers[step])["Body"].read()
-        files = json.loads(raw.decode())["files"]
+        root = self.local(rel)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.pull."))
         try:
-            for fname, size in files.items():
+            for fname, entry in marker["files"].items():
                 fname = _clean_rel(fname)  # a marker naming ../x must not write outside the folder
-                self._download(f"{rel}/{name}/{fname}", tmp / fname, int(size))
+                size = entry["size"] if isinstance(entry, dict) else entry  # older markers: size only
+                with self._translated():
+                    s3.download_file(self.bucket, self.key(f"{rel}/{name}/{fname}"), tmp / fname, size=int(size))
+            if "sha256" in marker and _content_hash(_manifest(tmp)) != marker["sha256"]:
+                raise StorageError(f"{self.describe(f'{rel}/{name}')} does not match its completion marker "
+                                   "(overwritten after it was written?): delete that checkpoint folder in S3")
             os.chmod(tmp, 0o755)
             final = root / name
             try:
@@ -416,30 +459,35 @@ class S3Storage(Storage):
 
     # Ray ----------------------------------------------------------------------------------
     def ray_storage(self, rel: str) -> tuple[str, Any]:
-        return f"{self.bucket}/{self.key(rel)}", arrow_filesystem()
+        return f"{self.bucket}/{self.key(rel)}", s3.arrow_filesystem()
 
 
-def arrow_filesystem():
-    """A ``pyarrow.fs.S3FileSystem`` for the S3 server in the environment.
-
-    The endpoint and region are passed; the keys are not (pyarrow reads ``AWS_ACCESS_KEY_ID`` /
-    ``AWS_SECRET_ACCESS_KEY`` itself on every node), so a pickled filesystem holds no secret.
-    """
-    from urllib.parse import urlparse
-
-    import pyarrow.fs
-
-    from orchestrator.data.s3 import endpoint_url
-
-    kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``relative name -> {size, sha256}`` of the files of a checkpoint folder (dot-files skipped)."""
+    folder = Path(folder)
+    return {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in _files(folder)
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts)
     }
-    url = endpoint_url()
-    if url:
-        parsed = urlparse(url if "://" in url else f"https://{url}")
-        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        kwargs["scheme"] = parsed.scheme or "https"
-    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def _best_pointer(root: Path) -> dict[str, Any] | None:
+    """The best-checkpoint pointer of a checkpoint folder (``None`` when there is none)."""
+    try:
+        pointer = json.loads((Path(root) / BEST_POINTER).read_text())
+    except (OSError, ValueError):
+        return None
+    return pointer if isinstance(pointer, dict) and _step(str(pointer.get("path", ""))) is not None else None
+
+
+def _content_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One hash of a checkpoint's file names, sizes and contents."""
+    lines = "".join(f"{name}\0{entry['size']}\0{entry['sha256']}\n" for name, entry in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+arrow_filesystem = s3.arrow_filesystem  # the old import path
 
 
 def open_storage(uri: str, *, work_dir: str | os.PathLike | None = None) -> Storage:

@@ -1,17 +1,21 @@
 """Sweep storage (orchestrator/storage.py): a local folder and S3 (an in-process moto server)
 behind the same methods: atomic records, listing, checkpoints mirrored and pulled on another
-"node" (a fresh working folder), clear errors, and the pyarrow filesystem Ray Tune gets."""
+"node" (a fresh working folder), clear errors, and the pyarrow filesystem Ray Tune gets; and no
+node-local state reused unless S3 proves it belongs to this store (issue 12, scenario 1)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator.storage import COMPLETE_MARKER, LocalStorage, S3Storage, StorageError, open_storage
+from orchestrator.storage import COMPLETE_MARKER, STORAGE_ID, LocalStorage, S3Storage, StorageError, open_storage
 from orchestrator.train.checkpoint import list_checkpoints, load_state, save_checkpoint
 from tests.conftest import free_port
 
@@ -57,18 +61,45 @@ def _objects(bucket: str, prefix: str = "") -> dict[str, int]:
     return {o["Key"]: o["Size"] for o in reply.get("Contents", [])}
 
 
+def _body(bucket: str, key: str) -> bytes:
+    from orchestrator.data.s3 import get_client
+
+    return get_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _purge_and_recreate(bucket: str) -> None:
+    """What `stack.sh down --purge` then `up` does to a bucket: every object gone, the bucket new."""
+    from orchestrator.data.s3 import get_client
+
+    client = get_client()
+    for key in _objects(bucket):
+        client.delete_object(Bucket=bucket, Key=key)
+    client.delete_bucket(Bucket=bucket)
+    client.create_bucket(Bucket=bucket)
+
+
 def _checkpoint(root, step: int, keep: int = 2):
     return save_checkpoint(root, step, {"step": step, "weights": torch.full((64,), float(step))}, keep=keep,
                            meta={"stage": "pretrain"}, write_files=lambda tmp: (tmp / "tokenizer").mkdir() or
                            (tmp / "tokenizer" / "vocab.txt").write_text(f"vocab {step}\n"))
 
 
-def test_open_storage_picks_the_backend(tmp_path, aws_env):
+def test_open_storage_picks_the_backend(tmp_path, bucket):
     assert isinstance(open_storage(str(tmp_path / "runs")), LocalStorage)
-    s3 = open_storage("s3://bucket/some/prefix/", work_dir=tmp_path / "w")
-    assert isinstance(s3, S3Storage) and s3.uri == "s3://bucket/some/prefix"
-    assert s3.local("sweeps/a/trial.json") == (tmp_path / "w" / "bucket" / "some" / "prefix" / "sweeps" / "a" / "trial.json")
-    assert s3.describe("sweeps/a") == "s3://bucket/some/prefix/sweeps/a"
+    s3 = open_storage(f"s3://{bucket}/some/prefix/", work_dir=tmp_path / "w")
+    assert isinstance(s3, S3Storage) and s3.uri == f"s3://{bucket}/some/prefix"
+    assert s3.describe("sweeps/a") == f"s3://{bucket}/some/prefix/sweeps/a"
+    # The working folder is keyed by the store's identity, written once in S3 at first use.
+    local = s3.local("sweeps/a/trial.json")
+    keyed = local.relative_to(tmp_path / "w").parts
+    assert keyed[0].startswith(f"{bucket}-") and len(keyed[0]) == len(bucket) + 17
+    assert keyed[1:] == ("some", "prefix", "sweeps", "a", "trial.json")
+    identity = json.loads(_body(bucket, f"some/prefix/{STORAGE_ID}"))["id"]
+    assert s3.identity() == identity
+    again = open_storage(f"s3://{bucket}/some/prefix", work_dir=tmp_path / "w")
+    assert again.identity() == identity and again.local("sweeps/a/trial.json") == local
+    other_prefix = open_storage(f"s3://{bucket}/other", work_dir=tmp_path / "w")
+    assert other_prefix.identity() != identity
     with pytest.raises(StorageError, match="leaves the storage root"):
         s3.local("../x")
 
@@ -105,8 +136,8 @@ def test_s3_records_are_complete_objects(bucket, tmp_path):
     store = S3Storage(f"s3://{bucket}/p", work_dir=tmp_path / "w")
     store.write_json("sweeps/s/trials/t/trial.json", {"x": list(range(100))})
     objects = _objects(bucket)
-    # One object under the exact key: no temporary names left behind.
-    assert list(objects) == ["p/sweeps/s/trials/t/trial.json"]
+    # One object under the exact key (and the store's identity): no temporary names left behind.
+    assert sorted(objects) == [f"p/{STORAGE_ID}", "p/sweeps/s/trials/t/trial.json"]
     other = S3Storage(f"s3://{bucket}/p", work_dir=tmp_path / "other-node")
     assert other.read_json("sweeps/s/trials/t/trial.json") == {"x": list(range(100))}
     assert not other.local("sweeps/s/trials/t/trial.json").exists()  # read from S3, not a local file
@@ -134,9 +165,10 @@ def test_s3_checkpoints_are_mirrored_and_pulled_on_another_node(bucket, tmp_path
     # Already there: nothing downloaded again.
     mtime = (pulled / "state.pt").stat().st_mtime_ns
     assert b.pull_checkpoint(rel) == pulled and (pulled / "state.pt").stat().st_mtime_ns == mtime
-    # A newer checkpoint on the local disk than in S3 (written, not uploaded yet) wins.
+    # A newer checkpoint on the local disk that S3 does not hold (written, never uploaded) is
+    # not proven complete: it is discarded, and the stage resumes from what S3 holds.
     newer = _checkpoint(b.local(rel), 8)
-    assert b.pull_checkpoint(rel) == newer
+    assert b.pull_checkpoint(rel) == pulled and not newer.exists()
 
 
 def test_s3_upload_cut_short_is_never_picked_up(bucket, tmp_path):
@@ -181,3 +213,81 @@ def test_ray_storage_is_a_working_pyarrow_filesystem_without_secrets(bucket, tmp
         out.write(b"hello")
     assert store.read_bytes("sweeps/s1/tune/probe.txt") == b"hello"
     assert b"storage-test-secret" not in pickle.dumps(fs)
+
+
+def test_local_checkpoint_differing_from_its_marker_is_replaced(bucket, tmp_path):
+    rel = "pretrain/k/pretrain/checkpoints"
+    a = S3Storage(f"s3://{bucket}/r", work_dir=tmp_path / "node")
+    a.push_checkpoint(rel, _checkpoint(a.local(rel), 2))
+    marker = json.loads(_body(bucket, f"r/{rel}/step-00000002/{COMPLETE_MARKER}"))
+    assert marker["step"] == 2 and marker["storage_id"] == a.identity() and len(marker["sha256"]) == 64
+    assert set(marker["files"]) == {"state.pt", "meta.json", "tokenizer/vocab.txt"}
+    # Same step, other bytes on the node (e.g. a run that crashed before uploading a rerun of it).
+    (a.local(rel) / "step-00000002" / "tokenizer" / "vocab.txt").write_text("vocab from another run\n")
+    pulled = a.pull_checkpoint(rel)
+    assert (pulled / "tokenizer" / "vocab.txt").read_text() == "vocab 2\n"
+    # Bytes in S3 that do not match the marker are refused, not used.
+    from orchestrator.data.s3 import get_client
+
+    key = f"r/{rel}/step-00000002/meta.json"
+    original = _body(bucket, key)
+    assert b'"step": 2' in original
+    get_client().put_object(Bucket=bucket, Key=key, Body=original.replace(b'"step": 2', b'"step": 3'))  # same size
+    b = S3Storage(f"s3://{bucket}/r", work_dir=tmp_path / "other-node")
+    with pytest.raises(StorageError, match="does not match its completion marker"):
+        b.pull_checkpoint(rel)
+    assert b.local(rel).is_dir() and list_checkpoints(b.local(rel)) == []
+
+
+def test_purged_store_gets_a_new_identity_and_no_local_checkpoint(bucket, tmp_path):
+    rel = "pretrain/k/pretrain/checkpoints"
+    first = S3Storage(f"s3://{bucket}/stack", work_dir=tmp_path / "node")
+    for step in (2, 4):
+        first.push_checkpoint(rel, _checkpoint(first.local(rel), step))
+    old_folder = first.local(rel)
+    _purge_and_recreate(bucket)
+    second = S3Storage(f"s3://{bucket}/stack", work_dir=tmp_path / "node")
+    assert second.identity() != first.identity()
+    assert second.local(rel) != old_folder and list_checkpoints(old_folder)  # the old copy is still on the node
+    assert second.pull_checkpoint(rel) is None
+    # Even a copy sitting at the new store's own path (an older layout, a hand copy) is not taken.
+    shutil.copytree(old_folder, second.local(rel))
+    assert second.pull_checkpoint(rel) is None and list_checkpoints(second.local(rel)) == []
+
+
+def test_purged_store_pretrains_from_step_zero(bucket, tmp_path, small_corpus):
+    """Issue 12 scenario 1 with the real pre-training loop: run, purge and recreate the bucket, run again."""
+    from orchestrator.train.config import run_config_from_dict
+    from orchestrator.train.pretrain import pretrain
+    from tests.conftest import micro_run_dict
+
+    folder = "pretrain/k"  # what the trial driver uses: pretrain/<key>, the key unchanged
+    checkpoints = f"{folder}/pretrain/checkpoints"
+
+    def run(store: S3Storage) -> tuple[dict, list[int]]:
+        # As the Train worker does: pull before the stage, publish every checkpoint.
+        store.pull_checkpoint(checkpoints)
+        config = run_config_from_dict(micro_run_dict(small_corpus, store.local(folder), tmp_path / "cache"))
+        steps: list[int] = []
+
+        def report(metrics, checkpoint_dir) -> None:
+            steps.append(int(metrics["step"]))
+            if checkpoint_dir is not None:
+                store.push_checkpoint(checkpoints, Path(checkpoint_dir), keep=2)
+
+        return pretrain(config, report=report), steps
+
+    uri = f"s3://{bucket}/stack"
+    first = S3Storage(uri, work_dir=tmp_path / "node")
+    result, steps = run(first)
+    assert result["step"] == 4 and steps[0] == 1
+    first.write_json(f"{folder}/pretrain.done.json", {"key": "k"})
+    stale = first.local(checkpoints)
+
+    _purge_and_recreate(bucket)
+    second = S3Storage(uri, work_dir=tmp_path / "node")
+    assert not second.exists(f"{folder}/pretrain.done.json")
+    assert list_checkpoints(stale), "the previous store's checkpoints are still on this node"
+    result, steps = run(second)
+    assert steps[0] == 1 and result["step"] == 4, "pre-training started again from step 0"
+    assert second.checkpoint_steps(checkpoints) == [2, 4], "and its checkpoints are in the new store"
