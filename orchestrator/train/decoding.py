@@ -9,6 +9,7 @@ ranks exactly, and can be bootstrapped by resampling utterances.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
