@@ -2,24 +2,33 @@
 
 Three Ray layers with three names (as in Ray's Train/Tune interop docs):
 
-* the Tuner (:mod:`orchestrator.driver`) runs a ``ray.tune.Tuner`` over :func:`trial_driver`;
-* the trial driver (this module, a Tune function trainable) builds and fits the Ray Train
-  ``TorchTrainer`` of the trial, and keeps the trial's state (MLflow run id, stage results) in
-  its folder;
-* the Train worker (:mod:`orchestrator.worker`) calls the plain PyTorch loops of
-  :mod:`orchestrator.train` on every DDP rank.
+* the Tuner (:mod:`orchestrator.tuner`) runs a ``ray.tune.Tuner`` over :func:`trial_driver`;
+* the trial driver (this module, a Tune function trainable) waits for or claims the trial's
+  pre-training, then fits ONE Ray Train ``TorchTrainer`` for the whole trial, and keeps the
+  trial's state (MLflow run id, final metrics) in its folder;
+* the Train worker (:mod:`orchestrator.worker`) runs every stage on every DDP rank with the plain
+  PyTorch loops of :mod:`orchestrator.train`.
 
-A trial is keyed by ``<sweep_id>/<tune trial id>`` (stable across ``--resume``): it names the
-trial's checkpoint folder and its MLflow run, and the run id is stored with the trial's state so a
-restarted trial re-attaches to its run. A pre-training result is keyed by a hash of everything
-that shapes it and reused by every trial (and every sweep sharing the storage) that needs it; a
-named Ray actor makes sure two concurrent trials never compute the same key twice.
+One worker group per trial, not one per stage: a worker group start costs seconds of process and
+process-group set-up, and the hand-off between stages is then a checkpoint read on the same
+workers. The guarantees stay: each stage checkpoints to storage and resumes from its newest
+checkpoint when Ray Train restarts the group; a pre-training result is keyed by a hash of
+everything that shapes it and reused (its done marker written last) by every trial, and every
+sweep sharing the storage, that needs it.
 
-Everything durable goes through :mod:`orchestrator.storage` (a folder, or ``s3://``): the trial
-state, the pre-training done marker, the final metrics and the loops' checkpoints. The loops
-write to the storage's working folder on the node they run on; with S3 each checkpoint is
-uploaded once written and the newest is downloaded before a stage starts, so a trial restarted on
-another node resumes where it stopped.
+The driver itself only waits: it asks Tune for a token CPU share (Tune cannot place a trial that
+asks for nothing) and the Train workers hold the trial's CPUs/GPUs. Tune's status table counts
+only the drivers (``0.01/2 CPUs``); the workers' CPUs are in Ray's own resource view.
+
+A trial is keyed by ``<sweep_id>/<tune trial id>`` (stable across ``--resume`` and retries): it
+names the trial's folder and its MLflow run, and the run id is stored with the trial's state so a
+restarted trial re-attaches to its run.
+
+Two concurrent trials never compute the same pre-training: a detached named actor (the
+registry, one per storage) grants one owner per key with a lease the owner renews. Detached, it
+outlives the trial that created it (a trial whose node died is retried and claims its key
+again); restartable, it survives its own node (the owners' renewals fill it again); the Tuner
+removes it at the end of the sweep (:func:`remove_registry`).
 """
 
 from __future__ import annotations
@@ -29,19 +38,22 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
+import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from orchestrator.worker import FINAL_METRICS, WorkerConfig, stage_worker
+from orchestrator.worker import FINAL_METRICS, PRETRAIN_DONE, ProfileSettings, WorkerConfig, trial_worker
 
 log = logging.getLogger(__name__)
 
 TRIAL_STATE = "trial.json"
-PRETRAIN_DONE = "pretrain.done.json"
-REGISTRY_NAME = "pom_ablations_pretrain_registry"
+REGISTRY_NAMESPACE = "pom_ablations"
+LEASE_S = 120.0
+"""A pre-training claim not renewed for this long is taken over by a waiting trial."""
+FAILURE_TAG = "failure_reason"
+DRIVER_CPUS = 0.01
+"""Tune's request for a trial driver: it only waits on its TorchTrainer."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,8 +73,16 @@ class TrialContext:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The spec's ``profile`` section: ``enabled``, ``lengths_s``, ``batch_size``, ``repeats``."""
     objectives: tuple[str, ...] = ("dev_wer",)
     max_failures: int = 0
+
+    def profile_settings(self) -> ProfileSettings | None:
+        if not self.profile.get("enabled", True):
+            return None
+        return ProfileSettings(lengths_s=tuple(float(x) for x in self.profile.get("lengths_s", (10.0, 20.0))),
+                               batch_size=int(self.profile.get("batch_size", 2)),
+                               repeats=int(self.profile.get("repeats", 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,30 +120,117 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# the pre-training registry (a named actor: one owner per key, across the whole cluster)
+# the pre-training registry (a detached named actor: one owner per key, across the cluster)
 # --------------------------------------------------------------------------------------------
 
+OWNER = "owner"
 
-def _registry():
+
+class PretrainRegistry:
+    """One owner per pre-training key, held as a lease that the owner renews."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, tuple[str, float]] = {}
+
+    def claim(self, key: str, owner: str, lease_s: float = LEASE_S) -> str:
+        """Take or renew ``key`` for ``owner``: :data:`OWNER`, or the current owner's name."""
+        now = time.time()
+        current = self.owners.get(key)
+        if current is None or current[0] == owner or current[1] < now:
+            self.owners[key] = (owner, now + lease_s)
+            return OWNER
+        return current[0]
+
+    def release(self, key: str, owner: str) -> None:
+        if key in self.owners and self.owners[key][0] == owner:
+            del self.owners[key]
+
+    def held(self) -> int:
+        now = time.time()
+        return sum(1 for _, expires in self.owners.values() if expires >= now)
+
+
+def registry_name(storage_uri: str) -> str:
+    return f"pretrain-registry-{_digest(storage_uri, 12)}"
+
+
+def registry(storage_uri: str):
+    """The registry of ``storage_uri`` (created on first use; detached, restarted if its node dies)."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class PretrainRegistry:
-        def __init__(self) -> None:
-            self.owners: dict[str, str] = {}
+    return ray.remote(PretrainRegistry).options(
+        name=registry_name(storage_uri), namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, num_cpus=0,
+    ).remote()
 
-        def claim(self, key: str, owner: str) -> str:
-            current = self.owners.get(key)
-            if current is None or current == owner:
-                self.owners[key] = owner
-                return "owner"
-            return current
 
-        def release(self, key: str, owner: str) -> None:
-            if self.owners.get(key) == owner:
-                del self.owners[key]
+def remove_registry(storage_uri: str) -> bool:
+    """Kill the sweep's registry unless another sweep on the same storage holds a claim in it.
 
-    return PretrainRegistry.options(name=REGISTRY_NAME, get_if_exists=True, lifetime=None).remote()
+    The Tuner calls this when its sweep ends. Returns whether it was removed.
+    """
+    import ray
+
+    try:
+        actor = ray.get_actor(registry_name(storage_uri), namespace=REGISTRY_NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        if ray.get(actor.held.remote(), timeout=30) > 0:
+            return False
+    except (ray.exceptions.RayError, TimeoutError):
+        pass
+    ray.kill(actor, no_restart=True)
+    return True
+
+
+class _Claim:
+    """Waits until this trial may run: the pre-training is done, or this trial owns it.
+
+    While owned, a daemon thread renews the lease; ``release`` ends it.
+    """
+
+    def __init__(self, storage, storage_uri: str, key: str, owner: str) -> None:
+        self.storage, self.storage_uri, self.key, self.owner = storage, storage_uri, key, owner
+        self.done_rel = f"pretrain/{key}/{PRETRAIN_DONE}"
+        self.owned = False
+        self.waited_s = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        """Return whether the pre-training was already done (reused) when the wait ended."""
+        import ray
+
+        started = time.time()
+        try:
+            while not self.storage.exists(self.done_rel):
+                if ray.get(registry(self.storage_uri).claim.remote(self.key, self.owner)) == OWNER:
+                    self.owned = True
+                    self._thread = threading.Thread(target=self._renew, daemon=True)
+                    self._thread.start()
+                    break
+                time.sleep(2.0)
+        finally:
+            self.waited_s = time.time() - started
+        return self.storage.exists(self.done_rel)
+
+    def _renew(self) -> None:
+        import ray
+
+        while not self._stop.wait(LEASE_S / 6):
+            try:
+                ray.get(registry(self.storage_uri).claim.remote(self.key, self.owner), timeout=30)
+            except Exception as err:  # the next renewal tries again; the lease is long
+                log.warning("could not renew the pre-training claim %s: %s", self.key, err)
+
+    def release(self) -> None:
+        import ray
+
+        self._stop.set()
+        if self.owned:
+            ray.get(registry(self.storage_uri).release.remote(self.key, self.owner))
+            self.owned = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,80 +238,28 @@ def _registry():
 # --------------------------------------------------------------------------------------------
 
 
-def _fit_stage(ctx: TrialContext, stage: str, run: dict[str, Any], trial_key: str, run_id: str, *, output_rel: str,
-               init_rel: str | None = None, tune_callback: bool):
-    from orchestrator.storage import open_storage
+def _fit(ctx: TrialContext, worker: WorkerConfig) -> None:
+    """One TorchTrainer for the whole trial; its dev-WER rungs go to Tune."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.storage import open_storage
 
     storage_path, filesystem = open_storage(ctx.storage).ray_storage(f"{ctx.sweep_rel}/ray_train")
-    callbacks = []
-    if tune_callback:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-    trainer = TorchTrainer(
-        stage_worker,
-        train_loop_config=WorkerConfig(
-            stage=stage, run=run, storage=ctx.storage, output_rel=output_rel, init_rel=init_rel,
-            trial_key=trial_key, run_id=run_id, tracking_uri=ctx.tracking_uri,
-            experiment_id=ctx.experiment_id, objectives=tuple(ctx.objectives),
-        ).to_dict(),
-        scaling_config=ScalingConfig(
-            num_workers=ctx.workers,
-            use_gpu=ctx.gpus_per_worker > 0,
-            resources_per_worker={"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})},
-        ),
+    gpus = {"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {}
+    TorchTrainer(
+        trial_worker,
+        train_loop_config=worker.to_dict(),
+        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": ctx.cpus_per_worker, **gpus}),
         run_config=RunConfig(
-            name=f"{trial_key.replace('/', '-')}-{stage}",
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            callbacks=callbacks,
-            # Our loops resume from their own checkpoints when a worker group restarts.
+            name=worker.trial_key.replace("/", "-"), storage_path=storage_path, storage_filesystem=filesystem,
+            callbacks=[TuneReportCallback()],
+            # The worker resumes every stage from its own checkpoints when the group restarts.
             failure_config=FailureConfig(max_failures=ctx.max_failures),
         ),
-    )
-    return trainer.fit()
-
-
-def _without_output(run: dict[str, Any]) -> dict[str, Any]:
-    # Each worker sets output_dir to its own node's working folder for the stage.
-    out = json.loads(json.dumps(run))
-    out.pop("output_dir", None)
-    return out
-
-
-def _pretrain_stage(ctx: TrialContext, storage, config, run_plain: dict[str, Any], trial_key: str, run_id: str,
-                    tracker) -> tuple[str, bool]:
-    """Return the pre-training folder (relative to the storage) for this trial's key and whether it was reused."""
-    import ray
-
-    key = pretrain_key(config)
-    folder = f"pretrain/{key}"
-    done = f"{folder}/{PRETRAIN_DONE}"
-    if storage.exists(done):
-        return folder, True
-    registry = _registry()
-    waited = False
-    while True:
-        owner = ray.get(registry.claim.remote(key, trial_key))
-        if owner == "owner":
-            break
-        if storage.exists(done):
-            return folder, True
-        waited = True
-        time.sleep(2.0)
-    try:
-        if storage.exists(done):  # finished by the previous owner while we waited
-            return folder, True
-        stage_run = _without_output(run_plain)
-        storage.write_json(f"{folder}/config.json", {"key": key, "run": stage_run})
-        tracker.set_tags(run_id, {"pretrain_key": key})
-        _fit_stage(ctx, "pretrain", stage_run, trial_key, run_id, output_rel=folder, tune_callback=False)
-        storage.write_json(done, {"key": key, "by": trial_key, "time": time.time()})
-        return folder, waited
-    finally:
-        ray.get(registry.release.remote(key, trial_key))
+    ).fit()
 
 
 def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -215,6 +270,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     from orchestrator.storage import open_storage
     from orchestrator.tracking import Tracker
 
+    started = time.time()
     params = dict(config["__grid__"]) if "__grid__" in config else flatten(config)
     tune_id = tune.get_context().get_trial_id()
     trial_key = f"{ctx.sweep_id}/{tune_id}"
@@ -232,37 +288,47 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     state.update({"trial_key": trial_key, "mlflow_run_id": run_id, "params": params, "status": "running"})
     storage.write_json(state_path, state)
 
-    started = time.time()
+    claim = None
     try:
-        base = build_run_config(ctx.spec_run, params, source=f"trial {trial_key}")
-        config_obj = dataclasses.replace(base, output_dir=str(storage.local(run_rel)))
+        config_obj = dataclasses.replace(build_run_config(ctx.spec_run, params, source=f"trial {trial_key}"),
+                                         output_dir=str(storage.local(run_rel)))
         run_plain = config_obj.to_dict()
+        run_plain.pop("output_dir", None)  # each stage sets its own folder on the worker's node
         _log_trial_params(tracker, run_id, params, config_obj)
         param_count = float(_param_count(config_obj))
         tracker.log_metrics(run_id, {"params": param_count})  # known now: a trial ASHA stops keeps it too
 
-        pre_folder, reused = _pretrain_stage(ctx, storage, config_obj, run_plain, trial_key, run_id, tracker)
-        tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": pre_folder.rsplit("/", 1)[-1]})
+        key = pretrain_key(config_obj)
+        pre_rel = f"pretrain/{key}"
+        claim = _Claim(storage, ctx.storage, key, trial_key)
+        reused = claim.acquire()
+        if not reused:
+            storage.write_json(f"{pre_rel}/config.json", {"key": key, "run": run_plain})
+        tracker.set_tags(run_id, {"pretrain_reused": str(reused).lower(), "pretrain_key": key})
+        tracker.log_metrics(run_id, {"time/pretrain_wait_s": claim.waited_s})
 
-        _fit_stage(ctx, "finetune", _without_output(run_plain), trial_key, run_id, output_rel=run_rel,
-                   init_rel=pre_folder, tune_callback=True)
+        _fit(ctx, WorkerConfig(
+            trial_key=trial_key, run_id=run_id, tracking_uri=ctx.tracking_uri, experiment_id=ctx.experiment_id,
+            storage=ctx.storage, run=run_plain, run_rel=run_rel, pretrain_rel=pre_rel,
+            objectives=tuple(ctx.objectives), cpus_per_worker=ctx.cpus_per_worker,
+            profile=ctx.profile_settings(), trial_started=started + claim.waited_s,
+        ))
+        claim.release()
         final = storage.read_json(f"{run_rel}/{FINAL_METRICS}")
         if not final:
             raise RuntimeError(f"fine-tuning finished without writing {storage.describe(f'{run_rel}/{FINAL_METRICS}')}")
-
-        if ctx.profile.get("enabled", True):
-            prof = _profile(config_obj, ctx.profile)
-            final.update(prof)
-            tracker.log_metrics(run_id, prof)
         final["params"] = param_count
-        final["wall_time_s"] = time.time() - started
         final["pretrain_reused"] = float(reused)
-        tracker.log_metrics(run_id, {"params": final["params"], "wall_time_s": final["wall_time_s"]})
+        final["wall_time_s"] = final["time/total_s"] = time.time() - started
+        final["time/pretrain_wait_s"] = claim.waited_s
+        tracker.log_metrics(run_id, {k: final[k] for k in ("params", "wall_time_s", "time/total_s")})
         bad = [k for k in ctx.objectives if not _finite(final.get(k))]
         if bad:
             raise RuntimeError(f"trial ended without a finite {', '.join(bad)} (diverged?); final metrics: {sorted(final.items())[:40]}")
         state.update({"status": "done", "final": final})
+        state.pop("reason", None)
         storage.write_json(state_path, state)
+        clear_failure(tracker, run_id)  # an earlier attempt of this trial may have failed
         tracker.finish(run_id, "FINISHED")
         tune.report(final)
     except Exception as err:
@@ -270,10 +336,35 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
         state.update({"status": "failed", "reason": reason})
         storage.write_json(state_path, state)
         try:
-            tracker.set_tags(run_id, {"failure_reason": reason})
+            tracker.set_tags(run_id, {FAILURE_TAG: reason})
             tracker.finish(run_id, "FAILED")
         finally:
+            if claim is not None:
+                claim.release()
             raise
+
+
+def clear_failure(tracker, run_id: str) -> bool:
+    """Remove the ``failure_reason`` tag an earlier attempt left; return whether there was one."""
+    if FAILURE_TAG not in tracker.client.get_run(run_id).data.tags:
+        return False
+    tracker.client.delete_tag(run_id, FAILURE_TAG)
+    return True
+
+
+def mark_stopped(storage, sweep_rel: str, trial_keys) -> list[str]:
+    """Set ``trial.json`` to ``stopped`` for trials the scheduler stopped early (they never reach
+    their own end, so their state says ``running``). Returns the trial ids changed."""
+    changed = []
+    for key in trial_keys:
+        tune_id = str(key).rsplit("/", 1)[-1]
+        rel = f"{sweep_rel}/trials/{tune_id}/{TRIAL_STATE}"
+        state = storage.read_json(rel)
+        if state and state.get("status") == "running":
+            state["status"] = "stopped"
+            storage.write_json(rel, state)
+            changed.append(tune_id)
+    return changed
 
 
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
@@ -309,23 +400,3 @@ def _log_trial_params(tracker, run_id: str, params: dict[str, Any], config) -> N
     tracker.log_params(run_id, {"sampled": params})
     tracker.log_params(run_id, {"config": plain})
     tracker.set_tags(run_id, {"layer_plan": plan_label(config.model.encoder.layers)})
-
-
-def _profile(config, profile: dict[str, Any]) -> dict[str, float]:
-    import torch
-
-    from models.builder import build_encoder
-    from orchestrator.profile import profile_encoder
-
-    encoder = build_encoder(config.model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else None
-    return profile_encoder(
-        encoder,
-        config.model.encoder.model_dim,
-        lengths_s=tuple(profile.get("lengths_s", (10.0, 20.0))),
-        batch_size=int(profile.get("batch_size", 2)),
-        repeats=int(profile.get("repeats", 2)),
-        device=device,
-        dtype=dtype,
-    )
