@@ -9,27 +9,14 @@ the reference is :func:`calibration_workload`, a fixed matrix product: ``time_re
 candidate's time in units of that product measured alongside it, so two processes that ran under
 different load can still be compared.
 
-Peak memory of one call (the extra bytes the call needs on top of what is live before it):
-
-- CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` around the call
-  (caching-allocator bytes, the number papers quote).
-- CPU, ``peak_alloc_bytes``: the same quantity for the CPU allocator, from the allocation and free
-  events of ``torch.profiler`` (``profile_memory=True``): their running sum in time order is the
-  live-bytes curve and its maximum is the peak. It counts every tensor PyTorch allocates (forward,
-  autograd buffers, gradients) and nothing else.
-- CPU, ``peak_rss_bytes`` (cross-check, what the operating system sees): after the warm-up,
-  ``malloc_trim(0)`` returns freed heap pages to the kernel, writing ``5`` to
-  ``/proc/self/clear_refs`` resets the kernel's resident-set high-water mark (``VmHWM``, the value
-  behind ``getrusage().ru_maxrss``), and the peak is ``VmHWM`` after the call minus ``VmRSS``
-  before it. It adds what the allocator cannot see (BLAS/oneDNN scratch buffers, allocator
-  fragmentation). Resetting the high-water mark is what makes a warm-up possible: plain
-  ``ru_maxrss`` would keep the warm-up's peak. ``None`` where ``/proc`` is unavailable.
+Peak memory of one call: :func:`orchestrator.profile.measure_peak_memory`, the project's one
+memory measurement (the sweep's trial profile uses it too; its docstring gives the method: CUDA
+``max_memory_allocated``, CPU allocator peak from profiler events, resident-set high-water mark as
+a cross-check), re-exported here with the helpers the benchmarks use.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import platform
@@ -44,9 +31,16 @@ from typing import Any
 
 import torch
 
+from orchestrator.profile import (  # noqa: F401 - re-exported: the benchmarks' memory vocabulary
+    FRAME_SECONDS,
+    measure_peak_memory,
+    peak_cpu_alloc_growth,
+    peak_rss_growth,
+    tensor_bytes,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-FRAME_SECONDS = 0.04  # encoder frame: 10 ms fbank hop x 4 (two stride-2 convolutions)
 FBANK_SECONDS = 0.01
 
 
@@ -250,69 +244,6 @@ def ratio_stats(numerator: Sequence[float], denominator: Sequence[float]) -> dic
 # peak memory
 # --------------------------------------------------------------------------------------------
 
-_LIBC: Any = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        _LIBC = ctypes.CDLL(name) if name else False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def peak_rss_growth(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> int | None:
-    """Resident-set high-water growth during ``fn()`` in bytes (Linux), else ``None``."""
-    if setup is not None:
-        setup()
-    try:
-        _malloc_trim()
-        with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
-            f.write("5")
-        before = _status_bytes("VmRSS")
-    except (OSError, KeyError):
-        return None
-    fn()
-    return max(0, _status_bytes("VmHWM") - before)
-
-
-def peak_cpu_alloc_growth(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> int | None:
-    """Peak of live CPU-allocator bytes during ``fn()`` above the start, from profiler events.
-
-    Uses the autograd profiler (``torch.autograd.profiler.profile``): unlike ``torch.profiler``
-    it starts in milliseconds (no compiler-stack import). ``None`` if this PyTorch build does not
-    expose the raw allocation events.
-    """
-    import warnings
-
-    from torch.autograd.profiler import profile
-
-    if setup is not None:
-        setup()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(profile_memory=True) as prof:
-            fn()
-    try:
-        events = prof.kineto_results.events()  # raw events, allocations and frees included
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    except AttributeError:  # pragma: no cover - private attribute moved
-        return None
-    live = peak = 0
-    for _, nbytes in memory:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def op_table(fn: Callable[[], Any], device: torch.device, *, calls: int = 1, top: int = 15) -> dict[str, Any]:
     """Operators of ``calls`` runs of ``fn`` by self time (CUDA time on CUDA), per run."""
     import warnings
@@ -342,54 +273,6 @@ def op_table(fn: Callable[[], Any], device: torch.device, *, calls: int = 1, top
             for e in rows[:top]
         ],
     }
-
-
-def measure_peak_memory(
-    fn: Callable[[], Any],
-    device: torch.device,
-    *,
-    rss: bool = True,
-    setup: Callable[[], Any] | None = None,
-) -> dict[str, int | None]:
-    """Peak extra memory of one call of ``fn`` (see the module docstring for the method).
-
-    ``setup`` runs before each measured call, outside it: it should free what the call would
-    otherwise free first (e.g. gradients of the previous step, with ``set_to_none``), so the
-    call's peak counts them as fresh allocations on every device alike.
-
-    Returns:
-        ``peak_alloc_bytes`` (allocator bytes above those live before the call),
-        ``peak_rss_bytes`` (CPU only, resident-set growth; ``None`` on CUDA or when unavailable),
-        ``live_before_bytes`` (CUDA: allocated bytes before the call; CPU: ``None``).
-    """
-    if device.type == "cuda":
-        if setup is not None:
-            setup()
-        synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return {
-            "peak_alloc_bytes": torch.cuda.max_memory_allocated(device) - before,
-            "peak_rss_bytes": None,
-            "live_before_bytes": before,
-        }
-    rss_peak = peak_rss_growth(fn, setup) if rss else None
-    return {"peak_alloc_bytes": peak_cpu_alloc_growth(fn, setup), "peak_rss_bytes": rss_peak, "live_before_bytes": None}
-
-
-def tensor_bytes(*objects: Any) -> int:
-    """Bytes of the parameters and buffers of modules and of plain tensors (what a call starts with)."""
-    total = 0
-    for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in obj.parameters())
-            total += sum(t.numel() * t.element_size() for t in obj.buffers())
-        elif isinstance(obj, torch.Tensor):
-            total += obj.numel() * obj.element_size()
-    return total
 
 
 # --------------------------------------------------------------------------------------------

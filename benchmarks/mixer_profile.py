@@ -9,9 +9,12 @@ Usage:
     # a subset, other sizes
     .venv/bin/python benchmarks/mixer_profile.py --mixers mha_relpos pom --lengths 20 80 --batch 2 --model-dim 256
 
-    # the paper's protocol at encoder level: base config (12 layers; d 576 for attention plans,
-    # 488 for PoM k2 D2, matched for SummaryMixing), batch 6, 10..80 s, forward in inference mode
+    # whole encoders: base config (12 layers; d 576 for attention plans, 488 for PoM k2 D2,
+    # matched for SummaryMixing), front-end + encoder, batch 6, 10..80 s, forward in inference mode
     .venv/bin/python benchmarks/mixer_profile.py --encoder
+    # the paper's protocol: front-end + encoder + CTC head, fp16 on a GPU (peak_total_bytes is
+    # the number to set beside the paper's; the sweep's profile.scope: paper measures the same)
+    .venv/bin/python benchmarks/mixer_profile.py --encoder --scope paper --dtype float16 --device cuda
     # what fits a CPU in minutes
     .venv/bin/python benchmarks/mixer_profile.py --encoder --batch 1 --lengths 10 20 40 80 --repeats 2
 
@@ -79,7 +82,7 @@ PASSES = ("fwd", "fwdbwd")
 MIXER_LENGTHS = (10.0, 20.0, 40.0, 80.0, 160.0)
 ENCODER_LENGTHS = (10.0, 20.0, 40.0, 80.0)
 ENCODER_PLANS = ("mha_relpos", "mha", "summary_mixing", "pom")
-SCOPES = ("frontend+encoder", "encoder")
+SCOPES = ("frontend+encoder", "encoder", "paper")
 QUICK_MIXERS = ("mha_relpos", "pom")
 
 
@@ -106,7 +109,7 @@ def build_mixer_case(args: argparse.Namespace, device: torch.device):
 
 def build_encoder_case(args: argparse.Namespace, device: torch.device):
     """Front-end + encoder of the preset for ``args.plan`` and an fbank batch (or encoder input)."""
-    from models.builder import build_encoder, build_frontend
+    from models.builder import build_ctc, build_encoder, build_frontend
     from models.config import make_config, plan_label
     from models.frontend import lengths_to_padding_mask
 
@@ -130,6 +133,16 @@ def build_encoder_case(args: argparse.Namespace, device: torch.device):
         info["parameters"] = sum(p.numel() for p in module.parameters())
         return module, (x, padding_mask), info
 
+    class PaperScope(torch.nn.Module):
+        """Front-end + encoder + CTC head, as ``orchestrator.profile``'s paper scope."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build_ctc(config)
+
+        def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.model.forward_features(features, lengths).log_probs  # (b, t', v)
+
     class FrontendEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -140,7 +153,7 @@ def build_encoder_case(args: argparse.Namespace, device: torch.device):
             x, lengths = self.frontend(features, lengths)  # (b, t', d)
             return self.encoder(x, lengths_to_padding_mask(lengths, x.shape[1]))
 
-    module = FrontendEncoder().to(device)
+    module = (PaperScope() if args.scope == "paper" else FrontendEncoder()).to(device)
     fbank_frames = frames * config.frontend.subsampling_factor
     features = torch.randn(args.batch, fbank_frames, config.frontend.n_mels, device=device)
     lengths = torch.full((args.batch,), fbank_frames, dtype=torch.long, device=device)
@@ -391,7 +404,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from models.mixers import MIXERS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", action="store_true", help="profile whole encoders (the paper's protocol) instead of mixers")
+    p.add_argument("--encoder", action="store_true", help="profile whole encoders (--scope) instead of mixers")
     p.add_argument("--mixers", nargs="+", default=None, choices=sorted(MIXERS), metavar="MIXER",
                    help=f"mixers to profile (default: all: {', '.join(sorted(MIXERS))})")
     p.add_argument("--plans", nargs="+", default=None, choices=sorted(MIXERS), metavar="MIXER",
@@ -404,7 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="base", help="--encoder: model preset (default base)")
     p.add_argument("--scope", choices=SCOPES, default="frontend+encoder",
                    help="--encoder: what is measured: the conv front-end on 10 ms fbank frames + the "
-                        "Conformer encoder (default), or the encoder alone on 40 ms frames")
+                        "Conformer encoder (default), the encoder alone on 40 ms frames, or paper: front-end + "
+                        "encoder + CTC head (the paper's protocol with --dtype float16 on a GPU)")
     p.add_argument("--passes", nargs="+", choices=PASSES, default=None,
                    help="fwd and/or fwdbwd (default: both; --encoder: fwd)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least (default 5)")
