@@ -1,24 +1,42 @@
-"""Sweep results from MLflow alone: a terminal table, ``report.md`` and Pareto plots.
+"""Sweep results from MLflow alone: a headline, a terminal table, ``report.md`` and Pareto plots.
 
 Usage:
     python -m orchestrator.report SWEEP_ID                      # MLflow at MLFLOW_TRACKING_URI or ./mlflow.db
     python -m orchestrator.report SWEEP_ID --tracking-uri sqlite:///mlflow.db --experiment pom-ablations --out DIR
 
-The sweep writes the same report when it ends (and logs it as artifacts of its parent run); this
-command regenerates it from the tracking store only, so it works for any sweep MLflow holds.
+The sweep writes the same report when it ends (and logs it as artifacts of its parent run, whose
+MLflow description then holds the headline and the table); this command regenerates it from the
+tracking store only, so it works for any sweep MLflow holds. Significance comes from each trial
+run's per-utterance records (``eval/<subset>.tsv`` artifacts): every trial is compared with the
+best one by a paired bootstrap over the same dev and test utterances (:mod:`orchestrator.stats`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from orchestrator.stats import compare, mean_std, read_records
 from orchestrator.train.checkpoint import atomic_write_bytes
 
 PLOT_AXES = (("params", "parameters"), ("encoder_peak_mem_mb", "encoder peak memory (MB)"), ("encoder_time_s", "encoder forward time (s)"))
+STOPPED_TAG = "stopped_early"
+SPLITS = ("dev", "test")
+TIME_PHASES = ("startup", "pretrain", "handoff", "finetune", "eval", "profile")
+WORK_PHASES = ("pretrain", "finetune", "eval")  # training + evaluation; the rest is overhead
+SEED_KEYS = ("seed", "config.finetune.seed")
+
+
+def _dev_subsets(params: dict[str, str]) -> tuple[str, ...]:
+    try:
+        return tuple(ast.literal_eval(params.get("config.data.dev_subsets", "()")))
+    except (ValueError, SyntaxError):
+        return ()
 
 
 def collect_rows(tracker, parent_run_id: str) -> list[dict[str, Any]]:
@@ -27,20 +45,21 @@ def collect_rows(tracker, parent_run_id: str) -> list[dict[str, Any]]:
     for run in tracker.children(parent_run_id):
         data = run.data
         sampled = {k[len("sampled."):]: v for k, v in data.params.items() if k.startswith("sampled.")}
+        seed = sampled.get("seed", data.params.get("config.finetune.seed", ""))
         rows.append({
             "run_id": run.info.run_id,
+            "name": run.info.run_name or data.tags.get("trial_key", ""),
             "trial": data.tags.get("trial_key", run.info.run_name),
             "status": "STOPPED" if run.info.status == "KILLED" and STOPPED_TAG in data.tags else run.info.status,
             "plan": data.tags.get("layer_plan", "?"),
             "reason": data.tags.get("failure_reason", "") or data.tags.get(STOPPED_TAG, ""),
             "sampled": sampled,
+            "seed": seed,
+            "dev_subsets": _dev_subsets(data.params),
             "metrics": dict(data.metrics),
             "pretrain_reused": data.tags.get("pretrain_reused", ""),
         })
     return rows
-
-
-STOPPED_TAG = "stopped_early"
 
 
 def mark_stopped_trials(tracker, parent_run_id: str, results, objectives: Sequence[str], scheduler: str) -> list[str]:
@@ -106,6 +125,129 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+# --------------------------------------------------------------------------------------------
+# significance against the best trial (paired bootstrap on the per-utterance records)
+# --------------------------------------------------------------------------------------------
+
+
+def load_records(tracker, rows: list[dict[str, Any]], work_dir: Path) -> None:
+    """Download each finished trial's ``eval/<subset>.tsv`` and pool them per split (dev, test).
+
+    Sets ``row["records"] = {"dev": {...}, "test": {...}}`` (utterance keys ``<subset>/<id>``);
+    a file that cannot be read sets ``row["records_error"]`` instead of stopping the report.
+    Records of a decoding with a language model (``<subset>.lm.tsv``) are not paired.
+    """
+    for row in rows:
+        row["records"] = {}
+        if row["status"] != "FINISHED":
+            continue
+        try:
+            files = tracker.download_eval_records(row["run_id"], work_dir / row["run_id"])
+            pooled: dict[str, dict] = {split: {} for split in SPLITS}
+            for subset, path in sorted(files.items()):
+                if "." in subset:
+                    continue
+                split = "dev" if subset in row["dev_subsets"] or subset.startswith("dev") else "test"
+                pooled[split].update(read_records(path, key_prefix=f"{subset}/"))
+            row["records"] = {split: recs for split, recs in pooled.items() if recs}
+        except (OSError, ValueError) as err:
+            row["records_error"] = " ".join(str(err).split())[:300]
+
+
+def add_comparisons(rows: list[dict[str, Any]], *, samples: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """Compare every trial with the best one that has records (``rows`` sorted best first).
+
+    Sets ``row["vs_best"] = {split: {"wer": PairedDifference, "cer": ...}}`` (this trial minus the
+    best: positive means more errors) or ``row["vs_best_error"]`` when the utterances differ.
+
+    Returns:
+        The best row, or ``None`` when no trial has records.
+    """
+    best = next((r for r in rows if r.get("records")), None)
+    if best is None:
+        return None
+    for row in rows:
+        row["vs_best"] = {}
+        if row is best or not row.get("records"):
+            continue
+        for split in SPLITS:
+            if split in row["records"] and split in best["records"]:
+                try:
+                    row["vs_best"][split] = compare(row["records"][split], best["records"][split], samples=samples,
+                                                    seed=seed, names=(row["name"], best["name"]))
+                except ValueError as err:
+                    row["vs_best_error"] = str(err)
+    return best
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def fmt_diff(diff, *, ci: bool = True) -> str:
+    """``+6.1 [+3.9, +8.2] *`` in error-rate points; ``*`` when the 95% interval excludes 0."""
+    if diff is None:
+        return "-"
+    text = _points(diff.difference) + (f" [{_points(diff.low)}, {_points(diff.high)}]" if ci else "")
+    return text + (" *" if diff.significant else "")
+
+
+def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    unique = sum(r["plan"] == row["plan"] for r in rows) == 1
+    return row["plan"] if unique else row["name"]
+
+
+def _magnitude(diff, rate: str) -> str:
+    """``6.1 CER points [3.9, 8.2]``: the size of a significant difference, whichever its sign."""
+    low, high = sorted((abs(100 * diff.low), abs(100 * diff.high)))
+    return f"{abs(100 * diff.difference):.1f} {rate.upper()} points [{low:.1f}, {high:.1f}]"
+
+
+def headline(rows: list[dict[str, Any]], best: dict[str, Any] | None, metric: str) -> str:
+    """One paragraph in words: the best trial, which differences are significant, the rest within noise."""
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    if not finished:
+        return f"No trial finished, so there is no answer yet ({len(rows)} trials; see the failures below)."
+    top = rows[0]
+    m = top["metrics"]
+    text = (f"Best by {metric}: {_label(top, rows)} ({metric} {_num(m.get(metric)):.3f}"
+            + (f", test WER {_num(m.get('test_wer')):.3f}" if "test_wer" in m else "") + ").")
+    if best is None:
+        return text + " The trials logged no per-utterance records, so no difference was tested for significance."
+    if best is not top:
+        text += f" Differences are measured against {_label(best, rows)}, the best trial with per-utterance records."
+    split = "test" if "test" in best["records"] else "dev"
+    n = len(best["records"][split])
+    beats, loses, noise = [], [], []
+    for row in rows:
+        diffs = row.get("vs_best", {}).get(split)
+        if diffs is None:
+            continue
+        significant = [k for k in ("wer", "cer") if diffs[k].significant]
+        if not significant:
+            noise.append(_label(row, rows))
+            continue
+        phrase = f"{_label(row, rows)} by " + " and ".join(_magnitude(diffs[k], k) for k in significant)
+        (beats if diffs[significant[0]].difference > 0 else loses).append(phrase)
+    if not (beats or loses or noise):
+        return text + " No other trial has comparable records."
+    clauses = []
+    if beats:
+        clauses.append(f"on the {n} {split} utterances it beats " + "; ".join(beats))
+    if loses:
+        clauses.append("it is worse on " + split + " than " + "; ".join(loses))
+    if noise:
+        others = "the other differences" if beats or loses else "all differences"
+        clauses.append(f"{others} ({', '.join(noise)}) are within noise")
+    sentence = "; ".join(clauses)
+    return f"{text} {sentence[0].upper()}{sentence[1:]} (95% paired bootstrap over the same utterances)."
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+
+
 def _test_subsets(rows: list[dict[str, Any]]) -> list[str]:
     subsets = set()
     for row in rows:
@@ -119,15 +261,27 @@ def _fmt(value: float, spec: str) -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
+def _vs(row: dict[str, Any], split: str, rate: str, *, ci: bool = True) -> str:
+    if row.get("vs_best_error"):
+        return "unpaired"
+    diffs = row.get("vs_best", {}).get(split)
+    if diffs is None:
+        return "best" if row.get("is_best") and split in row.get("records", {}) else "-"
+    return fmt_diff(diffs[rate], ci=ci)
+
+
 def markdown_table(rows: list[dict[str, Any]], objective: str) -> str:
     subsets = _test_subsets(rows)
-    head = ["#", "mixer plan", "params (M)", "dev WER"]
+    head = ["#", "run", "mixer plan", "params (M)", "dev WER", "dev CER", "Δ dev WER vs best", "Δ dev CER vs best",
+            "Δ test WER vs best", "Δ test CER vs best"]
     head += [f"{s} WER [95% CI]" for s in subsets]
     head += ["peak mem (MB)", "time (s)", "status", "sampled"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
-        cells = [str(i), row["plan"], _fmt(_num(m.get("params")) / 1e6, ".2f"), _fmt(_num(m.get("dev_wer")), ".4f")]
+        cells = [str(i), row["name"], row["plan"], _fmt(_num(m.get("params")) / 1e6, ".2f"),
+                 _fmt(_num(m.get("dev_wer")), ".4f"), _fmt(_num(m.get("dev_cer")), ".4f")]
+        cells += [_vs(row, split, rate) for split in SPLITS for rate in ("wer", "cer")]
         for s in subsets:
             wer, low, high = (_num(m.get(f"test/{s}/{k}")) for k in ("wer", "wer_ci_low", "wer_ci_high"))
             cells.append(f"{_fmt(wer, '.4f')} [{_fmt(low, '.3f')}, {_fmt(high, '.3f')}]")
@@ -142,17 +296,62 @@ def markdown_table(rows: list[dict[str, Any]], objective: str) -> str:
 
 
 def terminal_table(rows: list[dict[str, Any]], objective: str) -> str:
-    header = f"{'#':>2}  {'status':<9} {objective:>10} {'params(M)':>9} {'mem(MB)':>9} {'time(s)':>8}  plan / sampled"
+    header = (f"{'#':>2}  {'status':<9} {objective:>10} {'test WER':>8} {'Δdev WER':>9} {'Δtest WER':>9} "
+              f"{'Δtest CER':>9} {'params(M)':>9} {'mem(MB)':>8}  run / sampled")
     out = [header, "-" * len(header)]
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
         out.append(
             f"{i:>2}  {row['status'][:9]:<9} {_fmt(_num(m.get(objective)), '.4f'):>10} "
-            f"{_fmt(_num(m.get('params')) / 1e6, '.2f'):>9} {_fmt(_num(m.get('encoder_peak_mem_mb')), '.1f'):>9} "
-            f"{_fmt(_num(m.get('encoder_time_s')), '.4f'):>8}  {row['plan']}  "
-            + ", ".join(f"{k}={v}" for k, v in row["sampled"].items())
+            f"{_fmt(_num(m.get('test_wer')), '.4f'):>8} {_vs(row, 'dev', 'wer', ci=False):>9} "
+            f"{_vs(row, 'test', 'wer', ci=False):>9} {_vs(row, 'test', 'cer', ci=False):>9} "
+            f"{_fmt(_num(m.get('params')) / 1e6, '.2f'):>9} {_fmt(_num(m.get('encoder_peak_mem_mb')), '.1f'):>8}  "
+            f"{row['name']}  " + ", ".join(f"{k}={v}" for k, v in row["sampled"].items())
         )
+    out.append("Δ: this trial minus the best, in error-rate points; * = the 95% paired-bootstrap CI excludes 0")
     return "\n".join(out)
+
+
+def time_breakdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: the trials' ``time/<phase>_s`` summed, and the share of training + evaluation."""
+    timed = [r for r in rows if _num(r["metrics"].get("time/total_s")) > 0]
+    if not timed:
+        return []
+    total = sum(_num(r["metrics"]["time/total_s"]) for r in timed)
+    sums = {p: sum(_num(r["metrics"].get(f"time/{p}_s")) for r in timed if not math.isnan(_num(r["metrics"].get(f"time/{p}_s"))))
+            for p in TIME_PHASES}
+    other = max(0.0, total - sum(sums.values()))
+    work = sum(sums[p] for p in WORK_PHASES)
+    lines = ["## Where the time went", "",
+             f"Summed over {len(timed)} trials: {total:.1f} s of trial wall time; training + evaluation "
+             f"(pre-train, fine-tune, eval) is {100 * work / total:.1f}% of it.", "",
+             "| phase | seconds | share |", "|---|---|---|"]
+    for phase, seconds in [*sums.items(), ("other", other)]:
+        lines.append(f"| {phase} | {seconds:.1f} | {100 * seconds / total:.1f}% |")
+    return lines + [""]
+
+
+def replicates(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: configurations run with several seeds, their metrics as mean ± std (n)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED":
+            config = tuple(sorted((k, v) for k, v in row["sampled"].items() if k not in SEED_KEYS))
+            groups.setdefault((row["plan"], config), []).append(row)
+    repeated = {k: v for k, v in groups.items() if len(v) > 1}
+    if not repeated:
+        return []
+    metrics = ("dev_wer", "dev_cer", "test_wer", "test_cer")
+    lines = ["## Replicates (same configuration, other seeds)", "",
+             "| mixer plan | sampled | seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
+    for (plan, config), members in sorted(repeated.items(), key=lambda kv: mean_std([_num(r["metrics"].get("dev_wer")) for r in kv[1]])[0]):
+        cells = [plan, ", ".join(f"{k}={v}" for k, v in config).replace("|", "/") or "-",
+                 ", ".join(str(r["seed"]) for r in members)]
+        for metric in metrics:
+            mean, std, n = mean_std([_num(r["metrics"].get(metric)) for r in members])
+            cells.append("-" if n == 0 else f"{mean:.4f} ± {_fmt(std, '.4f')} (n={n})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
@@ -189,39 +388,57 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list[tuple[str, str]], quiet: bool = False) -> list[dict[str, Any]]:
-    """Collect the trials from MLflow, print the table, write report.md + plots, log them."""
+def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list[tuple[str, str]], quiet: bool = False,
+                 bootstrap_samples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Collect the trials from MLflow, test differences, print the table, write report.md + plots, log them."""
     metric, mode = objectives[0]
     rows = sort_rows(collect_rows(tracker, parent_run_id), metric, mode)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="report-records-") as work:
+        load_records(tracker, rows, Path(work))
+    best = add_comparisons(rows, samples=bootstrap_samples, seed=seed)
+    if best is not None:
+        best["is_best"] = True
+    summary = headline(rows, best, metric)
     table = markdown_table(rows, metric)
     finished = sum(r["status"] == "FINISHED" for r in rows)
     stopped = sum(r["status"] == "STOPPED" for r in rows)
     failed = [r for r in rows if r["status"] == "FAILED"]
+    legend = (f"Δ: the trial's error rate minus the best trial's, in points (x100), with the 95% CI of a paired bootstrap "
+              f"({bootstrap_samples} draws of the same dev/test utterances, seed {seed}); * = the CI excludes 0.")
     text = [
         f"# Sweep report ({parent_run_id})",
+        "",
+        summary,
         "",
         f"Objective: {metric} ({mode}). Trials: {len(rows)} ({finished} finished, {stopped} stopped early, "
         f"{len(failed)} failed).",
         "",
         table,
         "",
+        legend,
+        "",
     ]
+    unpaired = [r for r in rows if r.get("vs_best_error") or r.get("records_error")]
+    if unpaired:
+        text += ["## Not compared", ""] + [f"- {r['name']}: {r.get('vs_best_error') or r['records_error']}" for r in unpaired] + [""]
+    text += replicates(rows) + time_breakdown(rows)
     if failed:
-        text += ["## Failed trials", ""] + [f"- {r['trial']}: {r['reason'] or 'no reason recorded'}" for r in failed] + [""]
+        text += ["## Failed trials", ""] + [f"- {r['name']}: {r['reason'] or 'no reason recorded'}" for r in failed] + [""]
     plots = plot(rows, metric, out_dir)
     text += [f"![{p.stem}]({p.name})" for p in plots]
     report = out_dir / "report.md"
     atomic_write_bytes(report, ("\n".join(text) + "\n").encode())
     try:
+        tracker.set_description(parent_run_id, "\n".join([summary, "", table, "", legend]))
         tracker.log_artifact(parent_run_id, str(report), "report")
         for p in plots:
             tracker.log_artifact(parent_run_id, str(p), "report")
     except Exception as err:  # noqa: BLE001 - the report on disk is what matters
         print(f"warning: could not log the report to MLflow ({err})", file=sys.stderr)
     if not quiet:
-        print(terminal_table(rows, metric), flush=True)
+        print(summary + "\n\n" + terminal_table(rows, metric), flush=True)
     return rows
 
 
@@ -235,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="dev_wer")
     parser.add_argument("--mode", default="min", choices=("min", "max"))
     parser.add_argument("--out", default=None, help="output folder (default ./reports/<sweep_id>)")
+    parser.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap draws (default 1000)")
     args = parser.parse_args(argv)
     try:
         tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
@@ -246,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no sweep {args.sweep_id!r} in experiment {args.experiment!r}; list sweeps in the MLflow UI", file=sys.stderr)
         return 2
     out = Path(args.out or Path("reports") / args.sweep_id)
-    write_report(tracker, runs[0].info.run_id, out, objectives=[(args.metric, args.mode)])
+    write_report(tracker, runs[0].info.run_id, out, objectives=[(args.metric, args.mode)],
+                 bootstrap_samples=args.bootstrap_samples)
     print(f"report: {out / 'report.md'}")
     return 0
 

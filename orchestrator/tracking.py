@@ -10,6 +10,7 @@ Only the sweep driver, the trial driver and rank 0 of each trial's workers call 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -18,7 +19,10 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from models.typed_config import UserError  # the base of every user error (orchestrator.errors)
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +30,17 @@ SWEEP_ID_TAG = "sweep_id"
 TRIAL_KEY_TAG = "trial_key"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+# MLflow 3 opens an experiment without this tag in its GenAI (traces) overview; ours are
+# model-training experiments, whose default view is the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+MAX_TAG_LENGTH = 8000  # MLflow's limit on a tag value
+EVAL_ARTIFACTS = "eval"  # artifact folder of a trial run holding its per-utterance records
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking server or store cannot be used; the message says how to fix it."""
 
 
@@ -58,17 +69,18 @@ def check_tracking(uri: str, experiment: str, *, timeout_s: float = 20.0) -> str
     try:
         client = _client(uri)
         found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return client.create_experiment(experiment)
-        except Exception:  # created concurrently by another process
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            try:
+                return client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except Exception:  # created concurrently by another process
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag, or by hand
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
     except TrackingError:
         raise
     except Exception as err:  # noqa: BLE001 - any store failure becomes one clear line
@@ -121,6 +133,15 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
         text = value if isinstance(value, str) else repr(value) if isinstance(value, (tuple, list)) else str(value)
         out[key] = text[:MAX_PARAM_LENGTH]
     return out
+
+
+def trial_run_name(plan: str, trial_key: str) -> str:
+    """The name of a trial's run: its layer plan and a short stable id, e.g. ``2xmha_relpos+2xpom(k3,D2) · 3f9a1c``.
+
+    The id is a hash of the trial key, so a restarted trial gets the same name and two trials
+    of the same plan (other hyperparameters, another seed) are told apart.
+    """
+    return f"{plan} \u00b7 {hashlib.sha1(trial_key.encode()).hexdigest()[:6]}"
 
 
 @dataclass
@@ -213,6 +234,37 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _redacted(tags).items()])
+
+    def set_run_name(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
+
+    def set_description(self, run_id: str, markdown: str) -> None:
+        """The run's description in the MLflow UI (markdown; cut to MLflow's tag limit)."""
+        text = redact_text(markdown)
+        if len(text) > MAX_TAG_LENGTH:
+            text = text[: MAX_TAG_LENGTH - 40].rsplit("\n", 1)[0] + "\n\n(cut: see report/report.md)"
+        self.client.set_tag(run_id, NOTE_TAG, text)
+
+    def log_eval_records(self, run_id: str, eval_dir: str | Path) -> list[str]:
+        """Log the per-utterance records of an evaluation folder (``<subset>.tsv``) as ``eval/`` artifacts.
+
+        The report pairs trials on these records, from MLflow alone. Returns the files logged.
+        """
+        files = sorted(str(p) for p in Path(eval_dir).glob("*.tsv")) if Path(eval_dir).is_dir() else []
+        for path in files:
+            self.log_artifact(run_id, path, EVAL_ARTIFACTS)
+        return files
+
+    def download_eval_records(self, run_id: str, dst: str | Path) -> dict[str, Path]:
+        """Download a trial run's ``eval/<subset>.tsv`` artifacts into ``dst``: ``{subset: path}``."""
+        out: dict[str, Path] = {}
+        # One progress bar per small file would bury the report's table.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for info in self.client.list_artifacts(run_id, EVAL_ARTIFACTS):
+            if not info.is_dir and info.path.endswith(".tsv"):
+                local = self.client.download_artifacts(run_id, info.path, str(dst))
+                out[Path(info.path).stem] = Path(local)
+        return out
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         """Log a file; a text file holding a URI with a password is logged with the password hidden."""
