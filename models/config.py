@@ -261,24 +261,24 @@ class FrontendConfig:
     """Sinusoidal absolute positions after the front-end: ``"absolute"`` always, ``"none"`` never,
     ``"auto"`` when any layer's mixer asks for them (plain MHA, PoM, SummaryMixing)."""
 
-    fbank: Fbank = "unpadded"
-    """How the log-mel features are computed. ``"unpadded"``: Hann window, frames that lie inside
-    the utterance only (``1 + (s - window) // hop``), HTK mel triangles over ``[0, sr / 2]``,
-    ``log(mel + 1e-6)``. ``"speechbrain"`` (SpeechBrain ``Fbank``, what the released code used):
-    centred frames over zero padding (``1 + s // hop``), Hamming window, SpeechBrain's triangles
-    (centres evenly spaced in HTK mel over ``[0, sr / 2]``, each as wide on both sides as the gap
-    to its lower neighbour), ``10 log10(max(mel, 1e-10))`` floored at 80 dB below the
-    utterance's maximum."""
+    fbank: Fbank = "speechbrain"
+    """How the log-mel features are computed. ``"speechbrain"`` (default; SpeechBrain ``Fbank``,
+    what the released code used): centred frames over zero padding (``1 + s // hop``), Hamming
+    window, SpeechBrain's triangles (centres evenly spaced in HTK mel over ``[0, sr / 2]``, each
+    as wide on both sides as the gap to its lower neighbour), ``10 log10(max(mel, 1e-10))``
+    floored at 80 dB below the utterance's maximum. ``"unpadded"`` (the ``tiny`` preset): Hann
+    window, frames that lie inside the utterance only (``1 + (s - window) // hop``), HTK mel
+    triangles over ``[0, sr / 2]``, ``log(mel + 1e-6)``."""
 
-    norm: FrontendNorm = "channels"
-    """LayerNorm of each conv block: ``"channels"`` (over the channels of each time-frequency
-    point) or ``"channels_freq"`` (over the frequency x channel plane of each frame, with a
-    per-(frequency, channel) gain and bias: SpeechBrain's ``ConvolutionFrontEnd``, the released
-    code)."""
+    norm: FrontendNorm = "channels_freq"
+    """LayerNorm of each conv block: ``"channels_freq"`` (default; over the frequency x channel
+    plane of each frame, with a per-(frequency, channel) gain and bias: SpeechBrain's
+    ``ConvolutionFrontEnd``, the released code) or ``"channels"`` (the ``tiny`` preset; over
+    the channels of each time-frequency point)."""
 
-    proj_dropout_p: float = 0.0
+    proj_dropout_p: float = 0.1
     """Dropout after the front-end's Linear projection to ``d`` (before the positions). The
-    released TransformerASR has one at the encoder dropout (0.1)."""
+    released TransformerASR has one at the encoder dropout (0.1, the default); ``tiny``: 0."""
 
     def __post_init__(self) -> None:
         if isinstance(self.conv_channels, list):
@@ -334,14 +334,15 @@ class FrontendConfig:
 
 
 def _default_layers() -> tuple[MixerSpec, ...]:
-    return uniform_plan(12, "mha_relpos", {"num_heads": 8, "dropout_p": 0.1})
+    return uniform_plan(12, "mha_relpos", {"num_heads": 8, "dropout_p": 0.1, **RELEASED_MIXER_DEFAULTS["mha_relpos"]})
 
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderConfig:
     """The Conformer encoder: width, depth and one token mixer per layer.
 
-    Defaults are the paper's base relative-position MHA encoder.
+    Defaults are the paper's base relative-position MHA encoder as released (SpeechBrain's
+    RelPosMHAXL options on every layer, xavier-normal init, no dropout on the mixer output).
     """
 
     model_dim: int = 576
@@ -359,16 +360,16 @@ class EncoderConfig:
     dropout_p: float = 0.1
     """Dropout of the feed-forward, convolution and (with ``mixer_dropout``) mixer residual branches."""
 
-    mixer_dropout: bool = True
+    mixer_dropout: bool = False
     """Dropout (``dropout_p``) on each mixer's output before its residual sum. The released
-    Conformer layer has none there (``False``); its attention dropout is the mixer's own
-    ``dropout_p`` option."""
+    Conformer layer has none there (``False``, the default; its attention dropout is the mixer's
+    own ``dropout_p`` option); the ``tiny`` preset keeps one (``True``)."""
 
-    init: Init = "torch"
-    """Initial weights: ``"torch"`` (each module's PyTorch default) or ``"xavier_normal"`` (the
-    released ``_init_params``: xavier-normal on every parameter with more than one dimension of
-    the encoder and of the front-end's Linear projection; the front-end's convolutions, the
-    LayerNorms, biases and the heads keep their defaults)."""
+    init: Init = "xavier_normal"
+    """Initial weights: ``"xavier_normal"`` (default; the released ``_init_params``: xavier-normal
+    on every parameter with more than one dimension of the encoder and of the front-end's Linear
+    projection; the front-end's convolutions, the LayerNorms, biases and the heads keep their
+    PyTorch defaults) or ``"torch"`` (every module's PyTorch default; the ``tiny`` preset)."""
 
     layers: tuple[MixerSpec, ...] = field(default_factory=_default_layers)
     """The layer plan: one :class:`MixerSpec` per layer, lowest layer first."""
@@ -798,21 +799,15 @@ def _base_preset() -> Preset:
     dropout 0.1, 8 heads; d 576 for attention plans (front-end + encoder + BEST-RQ head 94.0M
     with relpos MHA) and 488 for PoM k2 D2 (95.6M); any other plan is matched to 95M.
 
-    The released code's details, each a field one ``--set`` away from our default: SpeechBrain
-    fbank (``frontend.fbank``), front-end LayerNorm over frequency x channels
-    (``frontend.norm``), dropout 0.1 after the front-end's Linear (``frontend.proj_dropout_p``),
-    xavier-normal init (``encoder.init``), no dropout on the mixer output
-    (``encoder.mixer_dropout``), and :data:`RELEASED_MIXER_DEFAULTS` for every layer (RelPosMHAXL
-    flags, PoM time mean over all frames; override with ``plan_options``/``lower_options``).
+    The released code's details are the section defaults, each one ``--set`` away from its
+    alternative: SpeechBrain fbank (``frontend.fbank``), front-end LayerNorm over frequency x
+    channels (``frontend.norm``), dropout 0.1 after the front-end's Linear
+    (``frontend.proj_dropout_p``), xavier-normal init (``encoder.init``), no dropout on the mixer
+    output (``encoder.mixer_dropout``); and :data:`RELEASED_MIXER_DEFAULTS` for every layer of
+    every plan (RelPosMHAXL flags, PoM time mean over all frames; override them with
+    ``plan_options``/``lower_options``).
     """
-    defaults = ModelConfig()  # the section defaults have the base sizes
-    config = dataclasses.replace(
-        defaults,
-        frontend=dataclasses.replace(defaults.frontend, fbank="speechbrain", norm="channels_freq", proj_dropout_p=0.1),
-    )
-    config = _with_plan(
-        config, "mha_relpos", 8, RELEASED_MIXER_DEFAULTS, init="xavier_normal", mixer_dropout=False
-    )
+    config = ModelConfig()  # the section defaults are the released base relpos-MHA encoder
     return Preset(
         name="base", config=config, num_heads=8, param_budget=95e6, pom_k2d2_dim=488,
         mixer_defaults=RELEASED_MIXER_DEFAULTS,
@@ -829,18 +824,25 @@ def _tiny_preset() -> Preset:
     (PoM k2 D2 at d 104). One BEST-RQ step (forward, backward, AdamW) on 8 x 4 s of audio took
     0.43 s (relpos MHA) and 0.32 s (PoM) on 2 CPU threads.
 
-    Built on the section defaults, not on ``base``'s released-code options: no padding in the
-    features (exact padding invariance), PyTorch init, the textbook relative attention and the
-    PoM mean over real frames, as the measured learning runs used (``--set`` any of them).
+    Not the released code's details but the choices the measured learning runs used (each one
+    ``--set`` away): features without padding (``frontend.fbank: unpadded``, exact padding
+    invariance), LayerNorm over channels, no dropout after the front-end's Linear, PyTorch init,
+    dropout on the mixer output, the textbook relative attention and the PoM mean over real
+    frames (no ``mixer_defaults``).
     """
     base = ModelConfig()
     config = ModelConfig(
-        frontend=dataclasses.replace(base.frontend, conv_channels=(64, 16)),
+        frontend=dataclasses.replace(
+            base.frontend, conv_channels=(64, 16), fbank="unpadded", norm="channels", proj_dropout_p=0.0
+        ),
         encoder=base.encoder,
         best_rq=dataclasses.replace(base.best_rq, codebook_size=1024),
         ctc=dataclasses.replace(base.ctc, hidden_dim=256, num_hidden_layers=2),
     )
-    config = _with_plan(config, "mha_relpos", 4, model_dim=128, num_layers=4, ffn_dim=256, conv_kernel=15)
+    config = _with_plan(
+        config, "mha_relpos", 4, model_dim=128, num_layers=4, ffn_dim=256, conv_kernel=15,
+        init="torch", mixer_dropout=True,
+    )
     return Preset(name="tiny", config=config, num_heads=4, param_budget=None)
 
 
@@ -867,7 +869,7 @@ def _large_preset() -> Preset:
 
 
 PRESETS: dict[str, Any] = {"tiny": _tiny_preset, "base": _base_preset, "large": _large_preset}
-"""Preset factories (large builds on base, tiny on the section defaults); see each docstring."""
+"""Preset factories (tiny and large build on base); see each factory's docstring."""
 
 
 def get_preset(name: str) -> Preset:
