@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from models.typed_config import UserError  # the base of every user error (orchestrator.errors)
 from orchestrator import s3
 from orchestrator.fileio import atomic_write_bytes, json_bytes, sha256_file
 from orchestrator.train.checkpoint import latest_checkpoint, list_checkpoints
@@ -56,7 +57,7 @@ BEST_POINTER = "best.json"  # orchestrator.train.checkpoint's pointer to the bes
 WORK_DIR_ENV = "POM_WORK_DIR"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage cannot be used; the one-line message names the location and the fix."""
 
 
@@ -259,9 +260,8 @@ class S3Storage(Storage):
     def work(self) -> Path:
         """The node-local working folder: ``<POM_WORK_DIR>/<bucket>-<hash of endpoint, bucket, prefix, identity>/<prefix>``."""
         if self._work is None:
-            who = f"{s3.endpoint_url() or 'aws'}|{self.bucket}|{self.prefix}|{self.identity()}"
-            digest = hashlib.sha256(who.encode()).hexdigest()[:16]
-            self._work = self.work_base / f"{self.bucket}-{digest}" / self.prefix
+            self._work = work_folder(self.work_base, endpoint=s3.endpoint_url(), bucket=self.bucket,
+                                     prefix=self.prefix, identity=self.identity())
         return self._work
 
     def key(self, rel: str = "") -> str:
@@ -460,6 +460,13 @@ class S3Storage(Storage):
     # Ray ----------------------------------------------------------------------------------
     def ray_storage(self, rel: str) -> tuple[str, Any]:
         return f"{self.bucket}/{self.key(rel)}", s3.arrow_filesystem()
+
+
+def work_folder(base: str | os.PathLike, *, endpoint: str | None, bucket: str, prefix: str, identity: str) -> Path:
+    """The node-local working folder of one S3 store: ``<base>/<bucket>-<digest>/<prefix>``, the
+    digest over the endpoint, bucket, prefix and the store's identity."""
+    who = f"{endpoint or 'aws'}|{bucket}|{_clean_rel(prefix)}|{identity}"
+    return Path(base) / f"{bucket}-{hashlib.sha256(who.encode()).hexdigest()[:16]}" / _clean_rel(prefix)
 
 
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:

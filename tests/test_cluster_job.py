@@ -162,8 +162,18 @@ def test_ray_job_submit_runs_a_sweep_on_the_stack(stack, small_corpus):  # noqa:
     assert any(k.startswith(f"{prefix}/pretrain/") and "/checkpoints/step-" in k and k.endswith("/_COMPLETE.json")
                for k in keys)
 
-    # The nodes' working copies of this sweep (POM_WORK_DIR default): S3 holds what matters.
-    work = Path(tempfile.gettempdir()) / "pom-ablations-work" / bucket / prefix
-    shutil.rmtree(work / "sweeps" / sweep_id, ignore_errors=True)
-    for key in {k[len(prefix) + 1:].split("/")[1] for k in keys if k.startswith(f"{prefix}/pretrain/")}:
-        shutil.rmtree(work / "pretrain" / key, ignore_errors=True)
+    # The nodes' working copies (POM_WORK_DIR default) are keyed by the store's identity, written
+    # once in S3: a purged and recreated stack is a new store, so nothing here is reused for it
+    # (tests/test_storage.py runs that scenario). Cleaned up only after the checks.
+    from orchestrator.storage import STORAGE_ID, work_folder
+
+    assert f"{prefix}/{STORAGE_ID}" in keys
+    identity = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/{STORAGE_ID}")["Body"].read())["id"]
+    work = work_folder(Path(tempfile.gettempdir()) / "pom-ablations-work", endpoint=e["AWS_ENDPOINT_URL"],
+                       bucket=bucket, prefix=prefix, identity=identity)
+    assert (work / "sweeps" / sweep_id).is_dir(), f"the sweep's working copy is not under the store's key {work}"
+    local_marks = list(work.glob("pretrain/*/pretrain/checkpoints/step-*/state.pt"))
+    assert local_marks and all(
+        f"{prefix}/{m.parent.relative_to(work).as_posix()}/_COMPLETE.json" in keys for m in local_marks
+    ), "every node-local pre-training checkpoint left is one S3 proves complete"
+    shutil.rmtree(work.parents[len(Path(prefix).parts) - 1], ignore_errors=True)
