@@ -16,9 +16,11 @@ checkpoint when Ray Train restarts the group; a pre-training result is keyed by 
 everything that shapes it and reused (its done marker written last) by every trial, and every
 sweep sharing the storage, that needs it.
 
-The driver itself only waits: it asks Tune for a token CPU share (Tune cannot place a trial that
-asks for nothing) and the Train workers hold the trial's CPUs/GPUs. Tune's status table counts
-only the drivers (``0.01/2 CPUs``); the workers' CPUs are in Ray's own resource view.
+The driver itself only waits: it asks Tune for no CPU (:func:`driver_resources`) and the Train
+workers hold the trial's CPUs/GPUs, in a placement group of Ray Train's own. Tune's status table
+counts only what its trials ask for, the drivers, so it shows ``0/2 CPUs`` (``0.01/2`` when the
+drivers took a token CPU share) while the workers train; ``ray status`` shows the real use. How
+many trials run at once follows the cluster (:func:`trials_at_once`) unless the spec sets it.
 
 A trial is keyed by ``<sweep_id>/<tune trial id>`` (stable across ``--resume`` and retries): it
 names the trial's folder and its MLflow run, and the run id is stored with the trial's state so a
@@ -52,8 +54,12 @@ REGISTRY_NAMESPACE = "pom_ablations"
 LEASE_S = 120.0
 """A pre-training claim not renewed for this long is taken over by a waiting trial."""
 FAILURE_TAG = "failure_reason"
-DRIVER_CPUS = 0.01
-"""Tune's request for a trial driver: it only waits on its TorchTrainer."""
+DRIVER_CPUS = 0.0
+"""CPUs a trial driver asks for (see :data:`DRIVER_MEMORY`)."""
+DRIVER_MEMORY = 128 * 1024**2
+"""Bytes of Ray's ``memory`` resource a trial driver asks for. Tune cannot place a trial that
+asks for nothing; a CPU share (even 0.01) would leave a 2-CPU machine 1.98 CPUs, one short of
+a second 1-CPU trial's worker, so the drivers ask for no CPU at all."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -236,6 +242,27 @@ class _Claim:
 # --------------------------------------------------------------------------------------------
 # the trial driver (a Ray Tune function trainable)
 # --------------------------------------------------------------------------------------------
+
+
+def driver_resources(extra: dict[str, float] | None = None) -> dict[str, float]:
+    """What Tune reserves for one trial driver: no CPU, a little memory, ``extra`` custom resources."""
+    return {"CPU": DRIVER_CPUS, "memory": DRIVER_MEMORY, **(extra or {})}
+
+
+def trials_at_once(workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0,
+                   cluster: dict[str, float] | None = None) -> int:
+    """Trials whose worker groups fit the cluster together (``cluster``: ``ray.cluster_resources()``).
+
+    2 CPUs and 1 worker x 1 CPU per trial: 2 trials at once. At least 1.
+    """
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    fits = int(cluster.get("CPU", 0.0) / (workers * cpus_per_worker) + 1e-9)
+    if gpus_per_worker > 0:
+        fits = min(fits, int(cluster.get("GPU", 0.0) / (workers * gpus_per_worker) + 1e-9))
+    return max(1, fits)
 
 
 def _fit(ctx: TrialContext, worker: WorkerConfig) -> None:

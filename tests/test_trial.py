@@ -100,6 +100,18 @@ def test_torch_threads_follow_the_cpus_given():
     assert [torch_threads(c) for c in (0.5, 1, 1.0, 2, 3.99, 4)] == [1, 1, 1, 2, 3, 4]
 
 
+def test_trials_at_once_fill_the_cluster_and_drivers_take_no_cpu():
+    from orchestrator.trial_driver import driver_resources, trials_at_once
+
+    assert trials_at_once(1, 1.0, cluster={"CPU": 2.0}) == 2  # hybrid.yaml on 2 cores
+    assert trials_at_once(2, 1.0, cluster={"CPU": 2.0}) == 1
+    assert trials_at_once(1, 4.0, cluster={"CPU": 2.0}) == 1  # never 0: the preflight refuses what cannot fit
+    assert trials_at_once(2, 0.5, cluster={"CPU": 3.0}) == 3
+    assert trials_at_once(1, 1.0, 1.0, cluster={"CPU": 16.0, "GPU": 4.0}) == 4
+    res = driver_resources({"on_demand": 0.01})
+    assert res["CPU"] == 0 and res["memory"] > 0 and res["on_demand"] == 0.01
+
+
 def test_registry_grants_one_owner_per_key_with_a_lease(monkeypatch):
     from orchestrator import trial_driver
     from orchestrator.trial_driver import OWNER, PretrainRegistry
