@@ -228,16 +228,21 @@ def test_encoder_padding_invariance(plan: str) -> None:
             torch.testing.assert_close(alone[0], y[i, :n], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("plan", ["pom", "hybrid"])
+@pytest.mark.parametrize("plan", ["pom", "hybrid", "released"])
 def test_whole_model_padding_invariance_from_waveforms(plan: str) -> None:
+    """``released``: the base preset's SpeechBrain fbank (centred frames), front-end LayerNorm over
+    (freq, channels) and RelPosMHAXL options, with SummaryMixing (PoM's released mean over all
+    frames depends on the padding by design)."""
     torch.manual_seed(0)
     config = make_config(
-        "tiny",
-        plan=("mha_relpos", "pom") if plan == "hybrid" else "pom",
+        "base" if plan == "released" else "tiny",
+        plan={"hybrid": ("mha_relpos", "pom"), "released": ("mha_relpos", "summary_mixing")}.get(plan, "pom"),
         model_dim=32,
         encoder={"num_layers": 2, "ffn_dim": 48},
         frontend={"conv_channels": [8, 4]},
+        ctc={"hidden_dim": 32},
     )
+    assert (config.frontend.fbank == "speechbrain") is (plan == "released")
     model = build_ctc(config).eval()
     wave = torch.randn(3, 6000)
     lengths = torch.tensor([6000, 4100, 1000])
