@@ -20,6 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from models.typed_config import ConfigError, coerce, deep_merge, describe, fail, section_from_dict, where
+from models.typed_config import is_int as _is_int
+from models.typed_config import is_number as _is_number
+
 Positional = Literal["auto", "absolute", "none"]
 POSITIONALS: tuple[str, ...] = ("auto", "absolute", "none")
 Fbank = Literal["unpadded", "speechbrain"]
@@ -33,14 +37,6 @@ INITS: tuple[str, ...] = ("torch", "xavier_normal")
 # --------------------------------------------------------------------------------------------
 # small checks shared by the sections
 # --------------------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(path: str, value: object, minimum: int) -> None:
@@ -125,6 +121,11 @@ class MixerSpec:
             object.__setattr__(self, "options", FrozenOptions(self.options))
         self.validate()
 
+    @classmethod
+    def from_config_value(cls, value: Any, path: str, source: str | None) -> MixerSpec:
+        """A layer as written in a file: a mixer name or ``{name, options}`` (the loader's hook)."""
+        return _spec_from_dict(value, path, source)
+
     def validate(self) -> None:
         """Check the name is registered and every option is a scalar the mixer accepts."""
         if not isinstance(self.name, str):
@@ -168,7 +169,7 @@ def _as_spec(item: str | MixerSpec, what: str) -> MixerSpec:
     if isinstance(item, str):
         return MixerSpec(name=item)
     if isinstance(item, Mapping):  # {"name": ..., "options": {...}}, as written in YAML
-        return _spec_from_dict(item, what, "plan")
+        return _spec_from_dict(item, what, None)
     raise ValueError(f"{what} must be a mixer name, a {{name, options}} mapping or a MixerSpec, got {item!r}")
 
 
@@ -417,11 +418,6 @@ class EncoderConfig:
         """The mixer name of every layer."""
         return tuple(spec.name for spec in self.layers)
 
-    @property
-    def wants_absolute_positions(self) -> bool:
-        """Whether any layer's mixer asks for sinusoidal absolute positions."""
-        return any(spec.positional == "absolute" for spec in self.layers)
-
 
 def _check_mixer_builds(spec: MixerSpec, model_dim: int, path: str) -> None:
     """Build the mixer on the meta device so bad option values fail at config time, not in a trial."""
@@ -574,129 +570,100 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-def _describe(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
-    """Check ``value`` against the type ``hint`` (converting lists to tuples, ints to floats)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is int:
-        if not _is_int(value):
-            raise ValueError(f"{source}: {path} must be an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if not _is_number(value):
-            raise ValueError(f"{source}: {path} must be a number, got {_describe(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{source}: {path} must be a string, got {_describe(value)}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{source}: {path} must be true or false, got {_describe(value)}")
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{source}: {path} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{source}: {path} must be a list, got {_describe(value)}")
-        return tuple(_coerce(item, args[0], f"{path}[{i}]", source) for i, item in enumerate(value))
-    if hint is MixerSpec:
-        return _spec_from_dict(value, path, source)
-    if dataclasses.is_dataclass(hint):
-        return _section_from_dict(hint, value, path, source)
-    raise TypeError(f"no conversion for {hint!r} at {path}")  # pragma: no cover - programming error
-
-
-def _spec_from_dict(value: Any, path: str, source: str) -> MixerSpec:
+def _spec_from_dict(value: Any, path: str, source: str | None) -> MixerSpec:
     if isinstance(value, str):  # shorthand: a bare mixer name
         value = {"name": value}
     if not isinstance(value, Mapping):
-        raise ValueError(
-            f"{source}: {path} must be a mixer name or a mapping with keys name, options; got {_describe(value)}"
-        )
-    unknown = sorted(set(value) - {"name", "options"})
-    if unknown:
-        raise ValueError(f"{source}: unknown key '{path}.{unknown[0]}'; allowed keys at {path}: name, options")
+        raise fail(source, path, f"expected a mixer name or a mapping with keys name, options; got {describe(value)}")
+    for key in value:
+        if key not in ("name", "options"):
+            raise fail(source, f"{path}.{key}", "unknown key; allowed keys: name, options")
     if "name" not in value:
-        raise ValueError(f"{source}: {path}.name is missing; valid mixers: {', '.join(sorted(_mixer_registry()))}")
-    options = value.get("options") or {}
-    if not isinstance(options, Mapping):
-        raise ValueError(f"{source}: {path}.options must be a mapping, got {_describe(options)}")
+        raise fail(source, f"{path}.name", f"missing; valid mixers: {', '.join(sorted(_mixer_registry()))}")
+    name = coerce(value["name"], str, f"{path}.name", source)
+    options = coerce(value.get("options") or {}, dict[str, Any], f"{path}.options", source)
     try:
-        return MixerSpec(name=_coerce(value["name"], str, f"{path}.name", source), options=dict(options))
+        return MixerSpec(name=name, options=options)
     except ValueError as err:
-        if str(err).startswith(source):
-            raise
-        raise ValueError(f"{source}: {path}: {err}") from None
+        raise fail(source, path, str(err)) from None
 
 
-def _section_from_dict(cls: type, data: Any, path: str, source: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: {path or 'the top level'} must be a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ValueError(f"{source}: unknown key {dotted!r}; allowed keys at {path or 'the top level'}: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], dotted, source)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        if str(err).startswith(source):
-            raise
-        raise ValueError(f"{source}: {err}") from None
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>", *, path: str = "") -> ModelConfig:
+    """Build a :class:`ModelConfig` from plain data with every section spelled out, strictly.
 
-
-def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ModelConfig:
-    """Build a :class:`ModelConfig` from plain data, strictly.
-
-    Missing keys take their defaults (the paper's base relative-position MHA model); an unknown
-    key, a value of the wrong type or an invalid value raises ``ValueError`` whose message starts
-    with ``source`` and names the dotted key path and what is allowed.
+    Missing keys take the section defaults (the paper's base relative-position MHA model); the
+    rules and the one-line errors are those of :mod:`models.typed_config`. A run file's
+    ``model:`` section is read by :func:`model_from_section` instead (a preset plus overrides).
 
     Args:
         data: nested mapping, e.g. parsed YAML: ``{"encoder": {"model_dim": 256, ...}, ...}``.
         source: where the data came from (a file name), quoted in every error.
+        path: the dotted key of ``data`` in its file (e.g. ``model``), quoted in every error.
     """
-    return _section_from_dict(ModelConfig, data, "", source)
+    return section_from_dict(ModelConfig, data, source=source, path=path)
 
 
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
+MODEL_KEYS: dict[str, Any] = {
+    "preset": str,
+    "plan": str | tuple[Any, ...] | None,
+    "attention_layers": int | None,
+    "lower": str,
+    "plan_options": dict[str, Any],
+    "lower_options": dict[str, Any],
+    "model_dim": int | None,
+    "num_heads": int | None,
+    "param_budget": float | None,
+}
+"""The keys of a ``model:`` section besides the sections: :func:`make_config`'s arguments."""
+
+
+def model_from_section(data: Mapping[str, Any] | None, *, source: str | None = None, path: str = "model") -> ModelConfig:
+    """The ``model:`` section of a run file or sweep spec: a preset, a layer plan, section overrides.
+
+    ``{preset: tiny, plan: pom, attention_layers: 2, plan_options: {degree: 3}, encoder:
+    {dropout_p: 0.2}}`` is ``make_config("tiny", plan="pom", attention_layers=2,
+    plan_options={"degree": 3}, encoder={"dropout_p": 0.2})``: whatever the section leaves out
+    keeps the preset's value (a section without ``preset`` uses ``base``; a run file's section is
+    first merged onto its run preset's, which names one). ``encoder.layers`` (one mixer name or
+    ``{name, options}`` per layer) and ``encoder.model_dim`` may stand for ``plan`` and
+    ``model_dim``, so the output of :func:`config_to_dict` reads back equal.
+
+    Raises:
+        ConfigError: one line naming ``source``, the key under ``path`` and what is allowed.
+    """
+    if data is not None and not isinstance(data, Mapping):
+        raise fail(source, path, f"expected a mapping of keys, got {describe(data)}")
+    data = dict(data or {})
+    kwargs: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            sections[key] = dict(coerce(value if value is not None else {}, dict[str, Any], f"{path}.{key}", source))
+        elif key in MODEL_KEYS:
+            kwargs[key] = coerce(value, MODEL_KEYS[key], f"{path}.{key}", source)
         else:
-            merged[key] = value
-    return merged
-
-
-def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any], source: str = "<overrides>") -> ModelConfig:
-    """A copy of ``config`` with dotted-key overrides applied strictly.
-
-    Example: ``apply_overrides(cfg, {"encoder.dropout_p": 0.2, "best_rq.mask_prob": 0.1})``.
-    A nested mapping value (``{"encoder": {"dropout_p": 0.2}}``) works too.
-    """
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"{source}: override keys must be dotted strings, got {key!r}")
-        parts = key.split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{source}: override {key!r} conflicts with another override")
-        node[parts[-1]] = value
-    return config_from_dict(_deep_merge(config_to_dict(config), nested), source=source)
+            raise fail(source, f"{path}.{key}", f"unknown key; allowed keys: {', '.join(sorted([*MODEL_KEYS, *SECTIONS]))}")
+    encoder = sections.get("encoder", {})
+    for inner, outer in (("layers", "plan"), ("model_dim", "model_dim")):
+        if inner in encoder:
+            if kwargs.get(outer) is not None or (inner == "model_dim" and kwargs.get("param_budget") is not None):
+                raise fail(source, f"{path}.encoder.{inner}", f"give {path}.{outer} or {path}.encoder.{inner}, not both")
+            kwargs[outer] = encoder.pop(inner)
+            if inner == "layers":
+                kwargs[outer] = coerce(kwargs[outer], tuple[Any, ...], f"{path}.encoder.layers", source)
+    preset = kwargs.pop("preset", "base")
+    if preset not in PRESETS:
+        raise fail(source, f"{path}.preset", f"{preset!r} is not a model preset; allowed values: {', '.join(PRESETS)}")
+    plan = kwargs.get("plan")
+    if isinstance(plan, tuple):  # the layers as written: name them by their key in the file
+        at = f"{path}.plan" if "plan" in data else f"{path}.encoder.layers"
+        kwargs["plan"] = tuple(_spec_from_dict(item, f"{at}[{i}]", source) for i, item in enumerate(plan))
+    try:
+        return make_config(preset, source=source, path=path, **kwargs, **sections)
+    except ValueError as err:
+        if source and str(err).startswith(f"{source}: "):
+            raise
+        raise fail(source, path, str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -940,6 +907,8 @@ def make_config(
     plan_options: Mapping[str, Any] | None = None,
     lower_options: Mapping[str, Any] | None = None,
     param_budget: float | None = None,
+    source: str | None = None,
+    path: str = "",
     **overrides: Mapping[str, Any],
 ) -> ModelConfig:
     """Build a validated :class:`ModelConfig` from a preset, a layer plan and overrides.
@@ -962,6 +931,8 @@ def make_config(
             encoder + BEST-RQ head parameters whatever the plan (default: the preset's rules).
         num_heads: heads of the attention layers that do not set ``num_heads`` themselves
             (default: the preset's).
+        source, path: the file and the key of the ``model:`` section the arguments come from
+            (:func:`model_from_section`), named in errors; default ``make_config(preset=...)``.
         **overrides: section overrides, e.g. ``encoder={"dropout_p": 0.2}``,
             ``best_rq={"mask_prob": 0.1}``; keys checked strictly.
 
@@ -970,25 +941,28 @@ def make_config(
     ``mixer_defaults`` (``base``/``large``: the released code's options).
     """
     spec = get_preset(preset)
-    for key in overrides:
-        if key not in SECTIONS:
-            raise ValueError(f"make_config: unknown override {key!r}; allowed: {', '.join(SECTIONS)}")
+    source = source or f"make_config(preset={preset!r})"
+
+    def key(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
+    for name in overrides:
+        if name not in SECTIONS:
+            raise fail(source, key(name), f"unknown override; allowed: {', '.join(SECTIONS)}")
     encoder_overrides = dict(overrides.get("encoder", {}) or {})
-    if "layers" in encoder_overrides:
-        raise ValueError("make_config: give the layers as plan=..., not as encoder={'layers': ...}")
-    if "model_dim" in encoder_overrides:
-        raise ValueError("make_config: give model_dim as model_dim=..., not in encoder overrides")
-    source = f"make_config(preset={preset!r})"
+    for name in ("layers", "model_dim"):
+        if name in encoder_overrides:
+            raise fail(source, key(f"encoder.{name}"), f"give {'plan' if name == 'layers' else name}=..., not encoder overrides")
     # Sections other than the layers first, so the mixer defaults follow the final encoder dropout.
-    base_dict = _deep_merge(config_to_dict(spec.config), {k: dict(v or {}) for k, v in overrides.items()})
+    base_dict = deep_merge(config_to_dict(spec.config), {k: dict(v or {}) for k, v in overrides.items()})
     base_dict["encoder"].pop("layers")
     num_layers = base_dict["encoder"].get("num_layers", spec.config.encoder.num_layers)
     dropout_p = base_dict["encoder"].get("dropout_p", spec.config.encoder.dropout_p)
     if not _is_int(num_layers) or num_layers < 1:
-        raise ValueError(f"{source}: encoder.num_layers must be an integer >= 1, got {num_layers!r}")
+        raise fail(source, key("encoder.num_layers"), f"must be an integer >= 1, got {num_layers!r}")
     heads = spec.num_heads if num_heads is None else num_heads
     if not _is_int(heads) or heads < 1:
-        raise ValueError(f"{source}: num_heads must be a positive integer, got {heads!r}")
+        raise fail(source, key("num_heads"), f"must be a positive integer, got {heads!r}")
     layers = _fill_options(
         resolve_plan(
             plan, num_layers, attention_layers=attention_layers, lower=lower,
@@ -999,15 +973,12 @@ def make_config(
     base_dict["encoder"]["layers"] = config_to_dict(layers)
 
     if param_budget is not None and (not _is_number(param_budget) or param_budget <= 0):
-        raise ValueError(f"{source}: param_budget must be a positive number of parameters, got {param_budget!r}")
+        raise fail(source, key("param_budget"), f"must be a positive number of parameters, got {param_budget!r}")
     if model_dim is not None and param_budget is not None:
-        raise ValueError(f"{source}: give model_dim or param_budget, not both")
+        raise fail(source, key("param_budget"), f"give {key('model_dim')} or {key('param_budget')}, not both")
     if model_dim is None:
         if param_budget is not None:
-            from models.params import match_model_dim
-
-            probe = dict(base_dict, encoder=dict(base_dict["encoder"], model_dim=_plan_multiple(layers)))
-            model_dim = match_model_dim(config_from_dict(probe, source=source), float(param_budget))
+            model_dim = _match_budget(base_dict, layers, float(param_budget), source, key("param_budget"))
         elif all(s.is_attention for s in layers) and heads == spec.num_heads:
             model_dim = spec.attention_dim
         elif spec.pom_k2d2_dim is not None and _is_pom_k2d2(layers):
@@ -1017,9 +988,25 @@ def make_config(
 
             probe = dict(base_dict, encoder=dict(base_dict["encoder"], model_dim=_plan_multiple(layers)))
             budget = spec.param_budget if spec.param_budget is not None else count_budget(spec.config)
-            model_dim = match_model_dim(config_from_dict(probe, source=source), budget)
+            model_dim = match_model_dim(config_from_dict(probe, source=source, path=path), budget)
     base_dict["encoder"]["model_dim"] = model_dim
-    return config_from_dict(base_dict, source=source)
+    return config_from_dict(base_dict, source=source, path=path)
+
+
+def _match_budget(base_dict: dict[str, Any], layers: Sequence[MixerSpec], budget: float, source: str, key: str) -> int:
+    """``model_dim`` for ``param_budget``; a budget below the smallest model or above the largest fails."""
+    from models.params import count_budget, match_model_dim  # lazy: params builds models (on the meta device)
+
+    step = _plan_multiple(layers)
+    probe = config_from_dict(dict(base_dict, encoder=dict(base_dict["encoder"], model_dim=step)), source=source)
+    smallest = count_budget(probe)
+    if budget < smallest:
+        raise fail(source, key, f"{budget:.4g} parameters is below the smallest model of this plan "
+                                f"({smallest:,} at model_dim={step}); give at least {smallest}")
+    try:
+        return match_model_dim(probe, budget)
+    except ValueError as err:
+        raise fail(source, key, f"{budget:.4g} parameters is more than this plan reaches ({err})") from None
 
 
 def _plan_multiple(layers: Sequence[MixerSpec]) -> int:
@@ -1047,14 +1034,16 @@ __all__ = [
     "POSITIONALS",
     "PRESETS",
     "Preset",
+    "ConfigError",
+    "MODEL_KEYS",
     "SECTIONS",
-    "apply_overrides",
     "config_from_dict",
     "config_to_dict",
     "get_preset",
     "hybrid_plan",
     "make_config",
     "mixer_class",
+    "model_from_section",
     "plan_label",
     "resolve_plan",
     "uniform_plan",

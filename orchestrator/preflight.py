@@ -1,4 +1,4 @@
-"""Checks the sweep driver runs before Ray starts any trial: services, then the corpus.
+"""Checks the tuner runs before Ray starts any trial: services, resources, then the corpus.
 
 Each failed check is one :class:`PreflightError` line naming the spec file, the field
 (``data.root``, ``storage.path`` or ``tracking.uri``), what failed and how to fix it; the CLI
@@ -10,6 +10,9 @@ a short timeout, databases one connection with a connect timeout.
   accepted, the bucket exists; the corpus prefix holds objects; the storage prefix is writable.
 * ``tracking.uri``: ``http(s)://`` servers answer ``/health``; ``sqlite:///`` files have an
   existing folder; ``postgresql://`` and other SQLAlchemy URIs accept a connection.
+* Resources: one trial's worker group (``resources.workers`` x ``cpus_per_worker`` /
+  ``gpus_per_worker``) fits on this machine, or on the live nodes of the cluster at ``--address``
+  (checked right after connecting); otherwise a trial would wait forever.
 * The corpus: every subset a trial reads (pre-training, training, dev, test) has a manifest with
   usable utterances. The files the reader skipped (corrupt audio, missing transcripts) come back
   in a :class:`DataReport`, which the driver logs to the sweep's MLflow run
@@ -25,11 +28,12 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.driver import SweepError
+from orchestrator.errors import SweepError
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +268,10 @@ def check_data(spec) -> DataReport:
     """
     from orchestrator.data.errors import CorpusError
     from orchestrator.data.librispeech import load_manifest
-    from orchestrator.spec import build_run_config
-    from orchestrator.train.config import ConfigError
     from orchestrator.train.data import ensure_corpus
 
     started = time.monotonic()
-    try:
-        config = build_run_config(spec.run, {}, source=spec.source)
-    except ConfigError as err:
-        raise PreflightError(_one_line(str(err), 800)) from None
-    data = config.data
+    data = spec.base_config().data
     report = DataReport(root=data.root)
     subsets: list[str] = []
     for name in (*data.pretrain_subset_list, *data.train_subsets, *data.dev_subsets, *data.test_subsets):
@@ -303,15 +301,75 @@ def check_data(spec) -> DataReport:
 def check_services(spec, tracking_uri: str | None = None) -> None:
     """The S3 locations and the tracking store of ``spec`` (no corpus read)."""
     from orchestrator.data.s3 import is_s3_uri
-    from orchestrator.spec import build_run_config
+    from orchestrator.spec import check_tracking_scheme
     from orchestrator.tracking import default_tracking_uri
 
-    root = build_run_config(spec.run, {}, source=spec.source).data.root
+    root = spec.base_config().data.root
     if is_s3_uri(root):
         check_s3(root, source=spec.source, field_name="data.root", need_objects=True, writable=False)
     if is_s3_uri(spec.storage.path):
         check_s3(spec.storage.path, source=spec.source, field_name="storage.path", need_objects=False, writable=True)
-    check_tracking_uri(tracking_uri or spec.tracking.uri or default_tracking_uri(), source=spec.source)
+    uri = tracking_uri or spec.tracking.uri or default_tracking_uri()
+    try:  # MLFLOW_TRACKING_URI is not checked by the spec loader
+        check_tracking_scheme(uri, "tracking.uri")
+    except ValueError as err:
+        raise PreflightError(f"{spec.source}: {err} (from tracking.uri or MLFLOW_TRACKING_URI)") from None
+    check_tracking_uri(uri, source=spec.source)
+
+
+# --------------------------------------------------------------------------------------------
+# resources
+# --------------------------------------------------------------------------------------------
+
+
+def local_nodes() -> list[dict[str, float]]:
+    """The resources a Ray started on this machine would have: its CPUs and CUDA GPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    gpus = 0
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return [{"CPU": float(cpus), "GPU": float(gpus)}]
+
+
+def ray_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray cluster this process is connected to."""
+    import ray
+
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(spec, nodes: list[dict[str, float]], where: str) -> None:
+    """Fail unless one trial's worker group (and its trial driver) fits on ``nodes``.
+
+    Each worker needs ``resources.cpus_per_worker`` CPUs and ``resources.gpus_per_worker`` GPUs on
+    one node; the group needs ``resources.workers`` such places. A trial that cannot get them would
+    wait forever, so the sweep stops here, before the corpus is generated.
+
+    Raises:
+        PreflightError: one line naming the spec file and the ``resources`` key that is too large.
+    """
+    from orchestrator.trial_driver import DRIVER_CPUS
+
+    res = spec.resources
+    need = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+    keys = {"CPU": "resources.cpus_per_worker", "GPU": "resources.gpus_per_worker"}
+    for kind, amount in need.items():
+        most = max((node.get(kind, 0.0) for node in nodes), default=0.0)
+        if amount > most:
+            raise PreflightError(f"{spec.source}: {keys[kind]}={amount:g}: no node of {where} has {amount:g} "
+                                 f"{kind}s (the most on one node: {most:g}); lower it or add nodes that have them")
+    slots = sum(int(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) for node in nodes)
+    total_cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    if slots < res.workers or res.workers * res.cpus_per_worker + DRIVER_CPUS > total_cpus + 1e-9:
+        raise PreflightError(f"{spec.source}: resources.workers={res.workers}: {where} fits {slots} worker(s) of "
+                             f"{res.cpus_per_worker:g} CPU(s) and {res.gpus_per_worker:g} GPU(s) (plus "
+                             f"{DRIVER_CPUS} CPU for the trial driver); lower resources.workers or the per-worker "
+                             f"resources")
 
 
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
@@ -336,13 +394,24 @@ def keep_credentials_out_of_ray() -> None:
         class_cache.ENV_VARS_TO_PROPAGATE = type(current)(v for v in current if v not in CREDENTIAL_ENV_VARS)
 
 
-def preflight(spec, tracking_uri: str | None = None) -> DataReport:
-    """Every check, services first (seconds), then the corpus; returns what the corpus check found.
+def preflight(spec, tracking_uri: str | None = None, *, nodes: Callable[[], list[dict[str, float]]] | None = None) -> DataReport:
+    """Every check, cheapest first: services (seconds), resources, then the corpus (which may be
+    generated); returns what the corpus check found.
+
+    Args:
+        spec: the loaded spec.
+        tracking_uri: overrides ``tracking.uri``.
+        nodes: gives the resources of the cluster's nodes (called after the services passed, e.g.
+            connecting to ``--address``); default: this machine (:func:`local_nodes`).
 
     Also keeps S3 credentials out of Ray's runtime envs (and so out of Ray's logs), see
     :func:`keep_credentials_out_of_ray`.
     """
     check_services(spec, tracking_uri)
+    if nodes is None:
+        check_resources(spec, local_nodes(), "this machine")
+    else:
+        check_resources(spec, nodes(), "the Ray cluster")
     report = check_data(spec)
     keep_credentials_out_of_ray()
     return report

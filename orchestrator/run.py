@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from typing import Sequence
 
-from orchestrator.data.errors import CorpusError
-from orchestrator.train import STAGES, ConfigError, load_run_config
+from orchestrator.errors import cli_main, configure_logging, one_line
+from orchestrator.train import STAGES, load_run_config
 from orchestrator.train.loop import ProgressPrinter
 from orchestrator.train.runtime import init_distributed_from_env, rank_and_world
 
@@ -59,25 +58,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
+    configure_logging(quiet=args.quiet)
+    rank = 0
+
+    def body() -> int:
+        nonlocal rank
         config = load_run_config(args.config, args.overrides, output_dir=args.out)
         init_distributed_from_env()
         rank, _ = rank_and_world()
         result = STAGES[args.stage](config, report=ProgressPrinter(rank=rank))
-    except (ConfigError, CorpusError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        if rank == 0:
+            print(json.dumps(result, default=str, sort_keys=True))
+        return 0
+
+    try:
+        return cli_main(body)
+    except (ValueError, FileNotFoundError) as exc:  # the stages' own input checks (a missing checkpoint, ...)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    if rank == 0:
-        print(json.dumps(result, default=str, sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":

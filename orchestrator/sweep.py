@@ -8,7 +8,8 @@ Usage:
     python -m orchestrator.sweep search_spaces/hybrid.yaml --address auto    # an existing Ray cluster
     python -m orchestrator.sweep search_spaces/paper_base.yaml --set preset=... (see README)
 
-Exit codes: 0 done, 1 the sweep ran but no trial finished, 2 a bad spec, flag or service.
+Exit codes: 0 done, 1 the sweep ran but no trial finished, 2 a bad spec, flag, service or
+resource request (one ``error:`` line; nothing is generated or started).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.spec import SpecError
+from orchestrator.errors import cli_main, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.driver import SweepError, dry_run, run_sweep
-    from orchestrator.spec import load_spec
-    from orchestrator.storage import StorageError
-
+    configure_logging()
     overrides = list(args.overrides)
     if args.num_trials is not None:
         overrides.append(f"sweep.num_trials={args.num_trials}")
@@ -50,15 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"storage.path={args.storage}")
     if args.tracking_uri is not None:
         overrides.append(f"tracking.uri={args.tracking_uri}")
-    try:
+
+    def body() -> int:
+        from orchestrator.spec import load_spec
+        from orchestrator.tuner import dry_run, run_sweep
+
         spec = load_spec(args.spec, overrides)
         if args.dry_run:
             dry_run(spec)
             return 0
         return run_sweep(spec, address=args.address, resume=args.resume, argv=sys.argv)
-    except (SpecError, SweepError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":

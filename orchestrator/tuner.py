@@ -1,4 +1,10 @@
-"""The sweep: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial_driver.trial_driver`.
+"""The Tuner layer: a Ray Tune ``Tuner`` (Optuna search, ASHA) over :func:`orchestrator.trial_driver.trial_driver`.
+
+Three Ray layers, three modules: this one (the sweep's ``Tuner``), :mod:`orchestrator.trial_driver`
+(one trial: a Tune function trainable that fits a Ray Train ``TorchTrainer`` per stage) and
+:mod:`orchestrator.worker` (the Train worker on every DDP rank). Before anything is generated or
+started, :func:`run_sweep` runs the cheap checks first (:mod:`orchestrator.preflight`): the
+services, then whether the resources exist, then the corpus.
 
 Storage layout (``storage.path``: a folder, or ``s3://bucket/prefix`` with every file below as an
 object; see :mod:`orchestrator.storage`)::
@@ -24,16 +30,13 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import SweepError
 from orchestrator.spec import Spec, build_run_config, count_trials, grid, sample_preview
 from orchestrator.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
 GRID_KEY = "__grid__"
-
-
-class SweepError(RuntimeError):
-    """The sweep cannot start or resume; one line says why and how to fix it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def absolute_run(spec: Spec) -> dict[str, Any]:
     """
     import copy
 
-    base = build_run_config(spec.run, {}, source=spec.source)
+    base = spec.base_config()
     run = copy.deepcopy(spec.run)
     data = dict(run.get("data") or {})
     if not base.data.root.startswith("s3://"):
@@ -132,7 +135,7 @@ def estimate_step_seconds(spec: Spec, params: dict[str, Any]) -> float:
 
 def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
     """Print the resolved defaults, the trials and an estimated cost; start nothing."""
-    base = build_run_config(spec.run, {}, source=spec.source)
+    base = spec.base_config()
     n = count_trials(spec)
     if spec.sweep.sampler == "grid":
         trials = grid(spec)[:n]
@@ -142,7 +145,7 @@ def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
         label = f"{n} trials ({spec.sweep.sampler}); the first {len(trials)} samples"
     print(f"# sweep {spec.sweep.name}: {label}", file=out)
     print(f"# objective: {', '.join(f'{o.metric} ({o.mode})' for o in spec.objectives)}; "
-          f"scheduler {spec.sweep.scheduler.type}; concurrency {spec.sweep.max_concurrent}", file=out)
+          f"scheduler {spec.sweep.scheduler.type}; concurrency {spec.sweep.max_concurrent or 'as the cluster allows'}", file=out)
     print("# resolved defaults:", file=out)
     print(yaml.safe_dump(base.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), file=out)
     print("# trials:", file=out)
@@ -181,9 +184,11 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = None, argv: list[str] | None = None) -> int:
-    from orchestrator.preflight import preflight
+    from orchestrator.preflight import preflight, ray_nodes
 
-    data_report = preflight(spec)  # S3, MLflow, the corpus: one clear line, before Ray starts
+    # S3 and MLflow, then the resources (this machine, or the cluster at --address right after
+    # connecting), then the corpus: one clear line each, before anything is generated or started.
+    data_report = preflight(spec, nodes=(lambda: _init_ray(address) or ray_nodes()) if address else None)
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -192,7 +197,9 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     from orchestrator.report import mark_stopped_trials, write_report
     from orchestrator.spec import define_by_run, make_sampler
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
-    from orchestrator.trial_driver import TrialContext, trial_driver
+    from orchestrator.trial_driver import (
+        TrialContext, driver_resources, mark_stopped, remove_registry, trial_driver, trials_at_once,
+    )
 
     storage = storage_root(spec)  # StorageError later on: one line from the CLI (orchestrator.sweep)
     uri = spec.tracking.uri or default_tracking_uri()
@@ -233,7 +240,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     data_report.log_to(tracker, parent, sweep_dir)
     if not resume:
         storage.write_bytes(f"{sweep_rel}/spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False).encode())
-        base = build_run_config(spec.run, {}, source=spec.source)
+        base = spec.base_config()
         storage.write_bytes(f"{sweep_rel}/resolved_config.yaml", yaml.safe_dump(base.to_dict(), sort_keys=False).encode())
         tracker.log_artifact(parent, str(sweep_dir / "spec.yaml"), "spec")
         tracker.log_artifact(parent, str(sweep_dir / "resolved_config.yaml"), "spec")
@@ -254,8 +261,13 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
                  "batch_size": spec.profile.batch_size, "repeats": spec.profile.repeats},
         objectives=tuple(metrics), max_failures=spec.sweep.max_failures,
     )
-    # The driver itself only waits on its TorchTrainers: a token CPU share.
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), {"CPU": 0.01})
+    # The driver itself only waits on its TorchTrainer: no CPU (the Train workers hold them).
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver_resources(spec.resources.driver))
+    res = spec.resources
+    concurrent = spec.sweep.max_concurrent or trials_at_once(res.workers, res.cpus_per_worker, res.gpus_per_worker)
+    tracker.set_tags(parent, {"trials_at_once": str(concurrent)})
+    print(f"sweep {sweep_id}: {concurrent} trial(s) at once, each {res.workers} worker(s) x "
+          f"{res.cpus_per_worker:g} CPU(s)" + (f" x {res.gpus_per_worker:g} GPU(s)" if res.gpus_per_worker else ""), flush=True)
     single = len(metrics) == 1
     scheduler = FIFOScheduler()
     if spec.sweep.scheduler.type == "asha" and single:
@@ -279,7 +291,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         num_samples = n
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-        max_concurrent_trials=spec.sweep.max_concurrent,
+        max_concurrent_trials=concurrent,
         **({"metric": metrics[0], "mode": modes[0]} if search_alg is None and not isinstance(scheduler, ASHAScheduler) and single else {}),
     )
     storage_path, filesystem = storage.ray_storage(sweep_rel)
@@ -294,8 +306,10 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config, **kwargs)
     try:
         results = tuner.fit()
-        mark_stopped_trials(tracker, parent, results, metrics, type(scheduler).__name__.replace("Scheduler", ""))
+        stopped = mark_stopped_trials(tracker, parent, results, metrics, type(scheduler).__name__.replace("Scheduler", ""))
+        mark_stopped(storage, sweep_rel, stopped)
     finally:
+        remove_registry(storage.uri)
         rows = write_report(tracker, parent, sweep_dir, objectives=list(zip(metrics, modes)))
         _publish_outputs(storage, sweep_rel)
     done = [r for r in rows if r.get("status") == "FINISHED"]

@@ -32,7 +32,7 @@ def small_corpus(tmp_path_factory) -> Path:
 def micro_run_dict(corpus: Path, out: Path, cache: Path, **sections) -> dict:
     """A run config dict for a very small model (1 layer, d 32) on ``corpus``: seconds per stage."""
     base = {
-        "preset": "tiny",
+        "preset": "cpu",
         "model": {
             "preset": "tiny",
             "model_dim": 32,

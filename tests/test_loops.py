@@ -360,7 +360,7 @@ def test_learning_end_to_end(tmp_path: Path) -> None:
     corpus = tmp_path / "synth"
     generate_corpus(corpus, seed=3, sizes={"train-clean-100": 600, "dev-clean": 60}, workers=2)
     config = run_config_from_dict({
-        "preset": "tiny",
+        "preset": "cpu",
         "data": {"root": str(corpus), "generate": False, "cache_dir": str(tmp_path / "cache"),
                  "dev_subsets": ["dev-clean"], "test_subsets": ["dev-clean"]},
         "pretrain": {"steps": 150, "log_every": 25, "checkpoint_every": 1000},

@@ -38,7 +38,7 @@ def write_spec(tmp: Path, root: str, *, tracking: str | None = None, storage: st
     spec = {
         "sweep": {"name": "pf", "num_trials": 1, "sampler": "grid", "scheduler": {"type": "fifo"}},
         "search": {"finetune.head_lr": {"values": [0.001]}},
-        "preset": "tiny",
+        "preset": "cpu",
         "data": {"root": root, "generate": False, "cache_dir": str(tmp / "cache"), "train_subsets": ["train-clean-100"],
                  "dev_subsets": ["dev-clean"], "test_subsets": ["test-clean"]},
         "tracking": {"uri": tracking or f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "pf"},

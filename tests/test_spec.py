@@ -12,7 +12,7 @@ from orchestrator.spec import SpecError, define_by_run, grid, load_spec, sample_
 
 VALID = {
     "sweep": {"name": "t", "objective": {"metric": "dev_wer", "mode": "min"}, "num_trials": 3, "sampler": "tpe"},
-    "preset": "tiny",
+    "preset": "cpu",
     "model": {"preset": "tiny", "plan": "pom", "attention_layers": 1},
     "search": {
         "model.attention_layers": {"values": [0, 1, 2]},

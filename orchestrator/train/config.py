@@ -7,34 +7,31 @@ what is allowed::
 
     error: runs/a.yaml: pretrain.precison: unknown key; allowed keys: accum_steps, betas, ...
 
-A run file has the sections ``model`` (``models.config.ModelConfig``, loaded by its own strict
-loader), ``data``, ``pretrain``, ``finetune``, ``eval`` and the scalar ``output_dir``/``device``;
-any of them may be left out (defaults). ``preset: tiny`` at the top picks the starting point the
-file then overrides (see :data:`PRESETS`).
+A run file has the sections ``model`` (read by :func:`models.config.model_from_section`: a model
+preset, a layer plan and section overrides), ``data``, ``pretrain``, ``finetune``, ``eval`` and
+the scalars ``output_dir``/``device``; any of them may be left out. ``preset: cpu`` at the top
+picks the run preset (:mod:`orchestrator.train.presets`) the file's keys are merged onto. The
+loading rules (types, coercion, merging, errors) are :mod:`models.typed_config`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
-import yaml
-
-from models.config import ModelConfig, make_config
-from orchestrator.yamlio import load_yaml
+from models.config import ModelConfig, make_config, model_from_section
+from models.typed_config import ConfigError, coerce, fail, section_from_dict, set_path
 from orchestrator.data.augment import AugmentConfig
+from orchestrator.train.presets import run_preset_dict
+from orchestrator.yamlio import parse_set, read_yaml_mapping
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = typing.get_args(Precision)
 DEFAULT_SYNTH_ROOT = "data/synth"
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong. The message is one line: where, what, what is allowed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +154,8 @@ class OptimConfig:
 
     def validate(self, section: str) -> None:
         for name in ("steps", "accum_steps", "log_every", "checkpoint_every"):
-            _check(getattr(self, name) >= 1, f"{section}.{name}", f"must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)  # fine-tuning's steps may be null (a budget in epochs)
+            _check(value is None or value >= 1, f"{section}.{name}", f"must be >= 1, got {value}")
         _check(self.keep_checkpoints >= 0, f"{section}.keep_checkpoints", f"must be >= 0 (0 = all), got {self.keep_checkpoints}")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"{section}.betas", f"must lie in [0, 1), got {self.betas}")
@@ -183,6 +181,29 @@ class PretrainConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     """CTC fine-tuning: two AdamW groups (CTC head, pre-trained encoder), the paper's rates."""
 
+    steps: int | None = 1000
+    """Optimiser steps (the step budget); null when the budget is ``epochs``."""
+
+    epochs: int | None = None
+    """Passes over ``data.train_subsets`` instead of ``steps`` (resolved to steps from the batch
+    sampler; exactly one of the two is set, the other null; the paper: 30)."""
+
+    schedule: Literal["noam", "linear", "constant", "newbob"] = "noam"
+    """After the warm-up: ``noam``, ``linear``, ``constant`` (see pre-training) or ``newbob``
+    (annealed on the dev loss at each evaluation; the paper's)."""
+
+    newbob_head_factor: float = 0.5
+    """NewBob: the CTC head's learning rate is multiplied by this at each annealing (the paper: 0.5)."""
+
+    newbob_encoder_factor: float = 0.7
+    """NewBob: the encoder's learning rate is multiplied by this at each annealing (the paper: 0.7)."""
+
+    newbob_threshold: float = 0.0025
+    """NewBob: a dev-loss improvement relative to the previous evaluation below this anneals."""
+
+    newbob_patience: int = 0
+    """NewBob: evaluations below the threshold tolerated before annealing (the paper: 0)."""
+
     init: str = "pretrain"
     """Where the encoder comes from: ``pretrain`` (the latest checkpoint of this run's
     ``pretrain`` stage), ``random``, or a path to a pre-training checkpoint or run folder."""
@@ -194,7 +215,7 @@ class FinetuneConfig(OptimConfig):
     """Peak learning rate of the front-end and encoder."""
 
     weight_decay: float = 0.01
-    """AdamW (decoupled) weight decay."""
+    """AdamW (decoupled) weight decay, both groups (the paper: 1e-3)."""
 
     freeze_encoder_steps: int = 0
     """Steps at the start during which only the CTC head trains (the encoder gets no gradient)."""
@@ -206,10 +227,12 @@ class FinetuneConfig(OptimConfig):
     """Sentencepiece vocabulary size, blank and unk included (``bpe`` only)."""
 
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    """SpecAugment and speed perturbation (training only)."""
+    """Training augmentation: speed perturbation, DropFreq, DropChunk (waves), clean concat,
+    SpecAugment (features)."""
 
-    eval_every: int = 200
-    """Greedy dev WER every this many steps (and at the end)."""
+    eval_every: int | Literal["epoch"] = 200
+    """Greedy dev WER and loss every this many steps, or ``epoch`` (after each pass over the
+    training data), and at the end. The best dev WER's checkpoint is the one tested."""
 
     def validate(self, section: str = "finetune") -> None:
         super().validate(section)
@@ -218,7 +241,16 @@ class FinetuneConfig(OptimConfig):
         _check(self.freeze_encoder_steps >= 0, f"{section}.freeze_encoder_steps",
                f"must be >= 0, got {self.freeze_encoder_steps}")
         _check(self.vocab_size >= 3, f"{section}.vocab_size", f"must be >= 3, got {self.vocab_size}")
-        _check(self.eval_every >= 1, f"{section}.eval_every", f"must be >= 1, got {self.eval_every}")
+        _check(self.eval_every == "epoch" or self.eval_every >= 1, f"{section}.eval_every",
+               f"must be >= 1 or 'epoch', got {self.eval_every}")
+        _check((self.steps is None) != (self.epochs is None), f"{section}.epochs",
+               f"set exactly one of {section}.steps and {section}.epochs, the other null "
+               f"(got steps={self.steps}, epochs={self.epochs}; e.g. --set {section}.epochs=30 --set {section}.steps=null)")
+        _check(self.epochs is None or self.epochs >= 1, f"{section}.epochs", f"must be >= 1, got {self.epochs}")
+        for name in ("newbob_head_factor", "newbob_encoder_factor"):
+            _check(0 < getattr(self, name) <= 1, f"{section}.{name}", f"must be in (0, 1], got {getattr(self, name)}")
+        _check(self.newbob_threshold >= 0, f"{section}.newbob_threshold", f"must be >= 0, got {self.newbob_threshold}")
+        _check(self.newbob_patience >= 0, f"{section}.newbob_patience", f"must be >= 0, got {self.newbob_patience}")
         _check(bool(self.init), f"{section}.init", "must be 'pretrain', 'random' or a checkpoint path")
         if hasattr(self.augment, "validate"):
             try:
@@ -240,11 +272,27 @@ class EvalConfig:
     """Hypotheses kept per frame."""
 
     beam_threshold: float = 50.0
-    """Prune hypotheses scoring this far below the best."""
+    """Prune hypotheses scoring this far below the best (SpeechBrain's ``beam_prune_logp`` with
+    the sign flipped: the paper's -10 is 10 here)."""
+
+    beam_size_token: int | None = None
+    """Tokens tried per frame, the most likely first; ``None`` = all."""
+
+    token_prune_min_logp: float | None = None
+    """Tokens below this frame log-probability are not tried (the frame's best always is), as
+    SpeechBrain's ``token_prune_min_logp`` (the paper: -5); ``None`` = no pruning."""
 
     lm_path: str | None = None
-    """KenLM n-gram file (ARPA or binary). Without a lexicon the LM is over the tokenizer's
-    tokens (``|`` separates words); with ``lexicon_path`` it is a word LM."""
+    """KenLM n-gram file (ARPA or binary), e.g. LibriSpeech's 4-gram at paper scale. Without a
+    lexicon the LM is over the tokenizer's tokens (``|`` separates words); with a lexicon it is
+    a word LM. With an LM the test subsets are decoded twice, without and with it."""
+
+    lm_from_train: bool = False
+    """Estimate a word n-gram LM (interpolated Witten-Bell, ``orchestrator.data.ngram``) from the
+    TRAINING transcripts only, written to ``<output_dir>/eval/lm.arpa``; needs a lexicon."""
+
+    lm_order: int = 3
+    """n of the n-gram built by ``lm_from_train``."""
 
     lexicon_path: str | None = None
     """Lexicon file (``word  t o k e n s |`` per line) for lexicon-constrained decoding; ``None``
@@ -254,11 +302,24 @@ class EvalConfig:
     """Build the lexicon from the words of the training transcripts (written to
     ``<output_dir>/eval/lexicon.txt``): decoding then only produces words seen in training."""
 
+    lexicon_from_lm: bool = False
+    """With an LM and no other lexicon, spell the LM's words (an ARPA file's unigrams) into
+    ``<output_dir>/eval/lexicon.txt``: what a word LM such as LibriSpeech's 4-gram needs, as
+    flashlight decodes a word LM over a lexicon. Ignored without an LM."""
+
+    lexicon_without_lm: bool = True
+    """Constrain the decoding without LM to the lexicon too; off: that decoding is lexicon-free
+    (the paper's no-LM columns) while the LM decoding keeps the lexicon."""
+
     lm_weight: float = 2.0
-    """Weight of the LM score."""
+    """Weight of the LM score (the LM decoding only); see ``lm_score_base``."""
+
+    lm_score_base: Literal["log10", "ln"] = "log10"
+    """``log10``: ``lm_weight`` multiplies KenLM's log10 scores (flashlight's convention);
+    ``ln``: it multiplies natural-log LM probabilities (SpeechBrain's alpha: the paper's 0.8)."""
 
     word_score: float = 0.0
-    """Score added at each word boundary."""
+    """Score added at each word boundary in the LM decoding (the paper's beta 1.2)."""
 
     bootstrap_samples: int = 1000
     """Resamples of the test utterances for the 95% WER confidence interval (0 = none)."""
@@ -279,6 +340,17 @@ class EvalConfig:
         _check(not (self.lexicon_from_train and self.lexicon_path), "eval.lexicon_from_train",
                "give either lexicon_path or lexicon_from_train, not both")
         _check(self.lm_path is None or self.decoder == "beam", "eval.lm_path", "needs decoder: beam")
+        _check(not (self.lm_from_train and self.lm_path), "eval.lm_from_train",
+               "give either lm_path or lm_from_train, not both")
+        _check(not self.lm_from_train or self.lexicon_from_train or self.lexicon_from_lm or self.lexicon_path is not None,
+               "eval.lm_from_train", "builds a word LM: set lexicon_from_train: true (or lexicon_path)")
+        _check(not (self.lexicon_from_lm and (self.lexicon_from_train or self.lexicon_path)), "eval.lexicon_from_lm",
+               "give one lexicon source: lexicon_path, lexicon_from_train or lexicon_from_lm")
+        _check(self.lm_order >= 2, "eval.lm_order", f"must be >= 2 (KenLM reads bigram models and up), got {self.lm_order}")
+        _check(self.beam_size_token is None or self.beam_size_token >= 1, "eval.beam_size_token",
+               f"must be >= 1 or null, got {self.beam_size_token}")
+        _check(self.token_prune_min_logp is None or self.token_prune_min_logp < 0, "eval.token_prune_min_logp",
+               f"must be < 0 or null, got {self.token_prune_min_logp}")
 
 
 def _default_model_config() -> ModelConfig:
@@ -335,97 +407,7 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets
-
-
-def _tiny_run() -> dict[str, Any]:
-    """The tiny CPU learning setting (see benchmarks/learning.py for what it reaches).
-
-    The ``tiny`` encoder (4 x d128 relative-position MHA) with two changes that make a step about
-    40 % cheaper on a CPU and that short runs do not miss: no front-end dropout and front-end
-    channels (32, 16) instead of (64, 16) (dropout on the large front-end activations was a
-    quarter of the step time). No encoder dropout and no augmentation: a few epochs of a few
-    hours of audio underfit, they do not overfit. Fine-tuning learning rates are higher than the
-    paper's (3e-3 head, 1e-3 encoder, against 3e-4 and 5e-5 for 200k-step runs at 95M).
-    """
-    return {
-        "model": {
-            "preset": "tiny",
-            "frontend": {"dropout_p": 0.0, "conv_channels": [32, 16]},
-            "encoder": {"dropout_p": 0.0},
-        },
-        "data": {"stats_utterances": 100},
-        "pretrain": {
-            "steps": 600, "lr": 2e-3, "warmup_steps": 100, "max_batch_seconds": 60.0,
-            "log_every": 20, "checkpoint_every": 200,
-        },
-        "finetune": {
-            "steps": 800, "head_lr": 3e-3, "encoder_lr": 1e-3, "warmup_steps": 50, "max_batch_seconds": 30.0,
-            "log_every": 20, "checkpoint_every": 400, "eval_every": 400,
-            "augment": {"speed_factors": [1.0], "num_freq_masks": 0, "num_time_masks": 0},
-        },
-        # Greedy character output of a model this small misspells most words; a lexicon of the
-        # training words (several hundred) turns that into whole words (dev WER 0.71 -> 0.28).
-        "eval": {"beam_size": 32, "lexicon_from_train": True, "bootstrap_samples": 200},
-        "output_dir": "runs/tiny",
-    }
-
-
-def _demo_run() -> dict[str, Any]:
-    """The embedded sweep setting: ``tiny`` models with budgets that fit several trials into
-    minutes on a laptop CPU (the shipped search spaces default to it)."""
-    run = _tiny_run()
-    run["pretrain"].update({"steps": 60, "warmup_steps": 20, "checkpoint_every": 30, "log_every": 10})
-    run["finetune"].update({"steps": 100, "warmup_steps": 20, "eval_every": 50, "checkpoint_every": 50, "log_every": 10})
-    run["eval"] = {"decoder": "greedy", "bootstrap_samples": 200}
-    run["output_dir"] = "runs/demo"
-    return run
-
-
-def _paper_run() -> dict[str, Any]:
-    """The paper's base setting (GPU cluster, LibriSpeech; give ``data.root``).
-
-    BEST-RQ on LibriSpeech 960 h for 200k steps (AdamW 1e-3, betas (0.9, 0.98), eps 1e-9, weight
-    decay 0.1, Noam warm-up 25k, clip 10, fp16 where the GPU has it), about 5600 s of audio per
-    step (here: ``max_batch_seconds`` per worker x workers x ``accum_steps``; 8 workers x 700 s);
-    CTC fine-tuning on train-clean-100 (head 3e-4, encoder 5e-5), dev-clean for validation,
-    test-clean/test-other with beam search. Utterances of 2 s to 60 s.
-    """
-    return {
-        "model": {"preset": "base"},
-        "data": {
-            "generate": False,
-            "pretrain_subsets": ["train-clean-100", "train-clean-360", "train-other-500"],
-            "train_subsets": ["train-clean-100"],
-            "dev_subsets": ["dev-clean"],
-            "test_subsets": ["test-clean", "test-other"],
-            "min_duration": 2.0, "max_duration": 60.0, "stats_utterances": 2000, "num_workers": 4,
-        },
-        "pretrain": {
-            "steps": 200_000, "lr": 1e-3, "warmup_steps": 25_000, "max_batch_seconds": 700.0,
-            "clip_norm": 10.0, "precision": "auto", "log_every": 100, "checkpoint_every": 2000,
-        },
-        "finetune": {
-            "steps": 60_000, "head_lr": 3e-4, "encoder_lr": 5e-5, "warmup_steps": 1000,
-            "max_batch_seconds": 700.0, "precision": "auto", "log_every": 100, "checkpoint_every": 2000,
-            "eval_every": 2000,
-        },
-        "eval": {"decoder": "beam", "beam_size": 50, "bootstrap_samples": 1000},
-        "output_dir": "runs/paper",
-    }
-
-
-PRESETS: dict[str, Any] = {
-    "default": lambda: {},
-    "tiny": _tiny_run,
-    "demo": _demo_run,
-    "paper": _paper_run,
-}
-"""Named starting points for a run file's ``preset:`` key (the file's own keys override them)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
+# Loading: the one strict loader (models.typed_config) over the run presets (train.presets)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -433,277 +415,70 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _where(source: str | None, key: str) -> str:
-    return f"{source}: {key}" if source else key
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
-    """Convert a YAML value to the annotated type ``tp`` or raise a :class:`ConfigError`."""
-
-    def fail(why: str) -> typing.NoReturn:
-        raise ConfigError(f"{_where(source, key)}: {why}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            fail("must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        fail(f"expected {_type_name(tp)}, got {value!r}")
-    if value is None:
-        fail(f"must not be null (expected {_type_name(tp)})")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            fail(f"{value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return dataclass_from_dict(tp, value, source=source, prefix=key)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            fail(f"expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
-        if len(value) != len(args):
-            fail(f"expected a list of {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, Mapping):
-            fail(f"expected a mapping, got {value!r}")
-        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        fail(f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        fail(f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        fail(f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        fail(f"expected a string, got {value!r}")
-    return value
-
-
-def dataclass_from_dict(cls: type, data: Any, *, source: str | None = None, prefix: str = "") -> Any:
-    """Build the dataclass ``cls`` from ``data`` strictly (unknown keys and bad values raise).
-
-    Args:
-        cls: a dataclass type whose fields carry type annotations.
-        data: a mapping (e.g. a YAML section); ``None`` means all defaults.
-        source: the file the data came from, named in errors.
-        prefix: the dotted key of this section, named in errors.
-
-    Raises:
-        ConfigError: an unknown key (the message lists the allowed ones) or a bad value.
-    """
-    data = {} if data is None else data
-    section = prefix or cls.__name__
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{_where(source, section)}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            raise ConfigError(f"{_where(source, dotted)}: unknown key; allowed keys: {', '.join(sorted(fields))}")
-        kwargs[key] = _coerce(value, hints[key], dotted, source)
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{_where(source, '') if source else ''}{exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{_where(source, section)}: {exc}") from None
-
-
-_MODEL_PRESET_KEYS = (
-    "preset", "plan", "attention_layers", "model_dim", "num_heads", "lower", "plan_options", "lower_options", "param_budget",
-)
-
-
-def _load_model_config(data: Any, source: str | None):
-    """The ``model:`` section: ``models.config.config_from_dict`` (every section spelled out), or,
-    with a ``preset`` key, ``models.config.make_config(preset, plan=..., attention_layers=...,
-    model_dim=..., num_heads=..., <section>={...})``."""
-    from models.config import SECTIONS, config_from_dict, make_config
-
-    data = dict(data or {})
-    where = f"{source}: model" if source else "model"
-    try:
-        if "preset" not in data:
-            return config_from_dict(data, source=where)
-        allowed = sorted([*_MODEL_PRESET_KEYS, *SECTIONS])
-        for key in data:
-            if key not in allowed:
-                raise ConfigError(f"{where}.{key}: unknown key; allowed keys with a preset: {', '.join(allowed)}")
-        kwargs = {k: data[k] for k in _MODEL_PRESET_KEYS if k in data and k != "preset"}
-        sections = {k: data[k] for k in SECTIONS if k in data}
-        for name, value in sections.items():
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.{name}: expected a mapping of keys, got {value!r}")
-        if isinstance(kwargs.get("plan"), list):
-            kwargs["plan"] = tuple(kwargs["plan"])
-        return make_config(data["preset"], **kwargs, **sections)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        msg = " ".join(str(exc).split())
-        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-
-
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
-
-
 _SECTIONS = {"data": DataConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
 _SCALARS = {"output_dir": str, "device": str}
-_TOP_KEYS = sorted(["preset", "model", *_SECTIONS, *_SCALARS])
+TOP_KEYS = ("preset", "model", *_SECTIONS, *_SCALARS)
+"""The keys of a run file (and the run part of a sweep spec)."""
 
 
 def run_config_from_dict(data: Mapping[str, Any] | None, *, source: str | None = None) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a plain dict (a parsed YAML file).
 
     Args:
-        data: the file's content. ``preset`` (a name in :data:`PRESETS`) gives the defaults the
-            other keys override.
-        source: the file name, named in errors.
+        data: the file's content. ``preset`` (a run preset, ``orchestrator.train.presets.RUN_PRESETS``) gives the
+            sections the other keys are merged onto (deeply, the ``model:`` section too).
+        source: the file name (or ``--set ...``), named in errors.
 
     Raises:
-        ConfigError: unknown keys, bad values or an invalid combination.
+        ConfigError: unknown keys, bad values or an invalid combination, as one line.
     """
+    if data is not None and not isinstance(data, Mapping):
+        raise fail(source, "", f"expected a mapping of sections at the top, got {type(data).__name__}")
     data = dict(data or {})
     for key in data:
-        if key not in _TOP_KEYS:
-            raise ConfigError(f"{_where(source, str(key))}: unknown key; allowed keys: {', '.join(_TOP_KEYS)}")
-    preset = data.pop("preset", "default")
-    if preset not in PRESETS:
-        raise ConfigError(f"{_where(source, 'preset')}: {preset!r} is not a preset; allowed values: {', '.join(PRESETS)}")
-    merged = _deep_merge(PRESETS[preset](), data)
-    model = data.get("model")
-    if isinstance(model, Mapping) and "preset" not in model and not (set(model) & set(_MODEL_PRESET_KEYS)):
-        merged["model"] = data["model"]  # a full model section replaces the preset's, never merges
-    kwargs: dict[str, Any] = {}
-    if merged.get("model"):
-        kwargs["model"] = _load_model_config(merged["model"], source)
+        if key not in TOP_KEYS:
+            raise fail(source, str(key), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
+    merged = run_preset_dict(data, source)
+    kwargs: dict[str, Any] = {"model": model_from_section(merged.get("model"), source=source, path="model")}
     for name, cls in _SECTIONS.items():
         if name in merged:
-            kwargs[name] = dataclass_from_dict(cls, merged[name], source=source, prefix=name)
+            kwargs[name] = section_from_dict(cls, merged[name], source=source, path=name)
     for name, tp in _SCALARS.items():
         if name in merged:
-            kwargs[name] = _coerce(merged[name], tp, name, source)
+            kwargs[name] = coerce(merged[name], tp, name, source)
     config = RunConfig(**kwargs)
     try:
         config.validate()
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    except ValueError as exc:
+        raise fail(source, "", str(exc)) from None
     return config
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``key.path=value`` (the value is YAML: ``3``, ``1e-3``, ``true``, ``[a, b]``, ``null``)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. pretrain.steps=100")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return ``data`` with each ``key.path=value`` override set (creating sections as needed)."""
-    out = _deep_merge({}, data)
+def with_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, example: str = "pretrain.steps=100") -> dict[str, Any]:
+    """``data`` with each ``--set key.path=value`` applied in order (:func:`orchestrator.yamlio.parse_set`)."""
+    out = dict(data)
     for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        key, value = parse_set(text, example=example)
+        out = set_path(out, key, value, source=f"--set {text}")
     return out
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None, *, output_dir: str | None = None) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: Sequence[str] | None = None, *, output_dir: str | None = None) -> RunConfig:
     """Read a run YAML file strictly, apply ``--set`` overrides and ``--out``, validate.
 
     Args:
-        path: the YAML file; ``None`` = defaults only.
-        overrides: ``key.path=value`` strings (see :func:`parse_override`).
+        path: the YAML file; ``None`` = the ``default`` run preset.
+        overrides: ``key.path=value`` strings; the value is YAML.
         output_dir: replaces ``output_dir`` when given.
 
     Raises:
-        ConfigError: a missing or unreadable file, bad YAML, unknown keys or bad values.
+        ConfigError: a missing, unreadable or binary file, bad YAML, unknown keys or bad values.
     """
-    source = str(path) if path is not None else None
-    data: Any = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
-        try:
-            data = load_yaml(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = read_yaml_mapping(path, what="config file") if path is not None else {}
+    data = with_overrides(data, overrides or [])
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
+    source = str(path) if path is not None else None
     if overrides:
         source = f"{source or '<defaults>'} with --set {' --set '.join(overrides)}"
     return run_config_from_dict(data, source=source)
@@ -717,8 +492,3 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _to_plain(v) for k, v in obj.items()}
     return obj
-
-
-def tiny_run_config(**overrides: Any) -> RunConfig:
-    """The ``tiny`` preset as a :class:`RunConfig`; ``overrides`` are ``section={key: value}``."""
-    return run_config_from_dict({"preset": "tiny", **overrides})
