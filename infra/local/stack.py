@@ -7,8 +7,29 @@ Usage:
     infra/local/stack.sh down --purge   # ... and delete the state folder
     set -a; . .stack/env; set +a     # then: ray job submit, mlflow, boto3, psycopg2 all just work
 
-Everything listens on 127.0.0.1. Ports are free ones picked at `up` (the Ray dashboard prefers
-8265), or fixed with STACK_PG_PORT, STACK_S3_PORT, STACK_MLFLOW_PORT, STACK_RAY_PORT,
+Every TCP socket of the stack is bound to 127.0.0.1 (measured with `ss -ltnp` on the stack's
+processes after `up` and while a job ran; Ray's gRPC servers show as [::ffff:127.0.0.1], a
+dual-stack socket that accepts loopback only). In brackets, the keys of state.json's "ports"::
+
+    PostgreSQL         [postgres]; a Unix socket in pg/run/
+    SeaweedFS          [s3] the S3 API; master, volume, filer, admin, each http and gRPC [weed_*];
+                       Unix sockets s3/filer.sock, s3/s3.sock
+    MLflow             [mlflow]
+    Ray, head only     GCS [ray_gcs], dashboard and job API [ray_dashboard], Ray client server
+                       [ray_client], Prometheus metrics of the dashboard and the autoscaler
+                       [ray_dashboard_metrics], [ray_autoscaler_metrics]
+    Ray, every node    raylet [N_nm], object manager [N_om], dashboard agent http and gRPC
+    (N: head, w0 ...)  [N_agent], [N_agent_grpc], runtime-env agent [N_rtenv], metrics export
+                       [N_metrics], one port per worker process (job drivers, actors, tasks) in
+                       N_wmin .. N_wmin + 99; Unix sockets (raylet, object store) in the Ray folder
+
+Ray binds its servers to 127.0.0.1 only when the node's address is 127.0.0.1 (any other address:
+all interfaces), and `ray start` turns --node-ip-address=127.0.0.1 into the machine's address
+unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, with which it refuses worker nodes: the stack starts
+its nodes through ray_start_loopback (below), and the env file carries that variable so that
+ray.init(address=...) keeps 127.0.0.1 too. So no other machine can join or reach this cluster.
+
+Ports are free ones picked at `up` (the Ray dashboard prefers 8265), or fixed with STACK_PG_PORT, STACK_S3_PORT, STACK_MLFLOW_PORT, STACK_RAY_PORT,
 STACK_RAY_DASHBOARD_PORT. Other settings: STACK_DIR (state folder, default <repo>/.stack),
 STACK_RAY_WORKERS (worker nodes, default 1), STACK_RAY_HEAD_CPUS (1), STACK_RAY_WORKER_CPUS (2),
 STACK_RAY_OBJECT_STORE_MB (256 per node), STACK_S3_BUCKETS (corpus,mlflow,runs), PG_BIN
@@ -19,7 +40,10 @@ State folder::
     state.json   ports, and for each service the session id and the (pid, start time) it started
     env          the variables clients need (mode 0600; holds the local credentials)
     secrets.json database password, S3 keys, Ray token (mode 0600; reused by the next `up`)
-    pg/          data/ (owned by postgres), run/ (socket), log
+    pg/          data/ (owned by postgres), run/ (socket), log; when root runs the stack from a folder
+                 user postgres cannot reach (a parent of mode 0700), this folder is a private
+                 /tmp/stack-pg-XXXXXXXX owned by postgres instead (state.json "pg_dir"; `up` says so,
+                 `down --purge` deletes it)
     s3/          data/, s3.json (identities)
     ray/         Ray's temp dir (sessions, logs); its path names every Ray process of this stack
     logs/        one log per service
@@ -39,6 +63,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -48,6 +73,12 @@ BIN = Path(sys.executable).parent  # the venv's bin: weed, mlflow, ray
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 HOST = "127.0.0.1"
 SERVICES = ("postgres", "s3", "ray", "mlflow")  # start order; stopped in reverse
+# Ray binds its servers (GCS, raylet, object manager, workers, agents, metrics) to 127.0.0.1 only
+# when the node's address is 127.0.0.1; otherwise to all interfaces. `ray start` replaces a
+# loopback --node-ip-address with the machine's address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+# and with that variable it refuses to start a worker node (a guard for macOS/Windows).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+PG_TMP_PREFIX = "stack-pg-"  # PostgreSQL's folder in /tmp when the state folder is out of its reach
 
 
 class StackError(RuntimeError):
@@ -299,6 +330,7 @@ def client_env(st: dict, sec: dict) -> dict[str, str]:
         "PGPASSWORD": sec["pg_password"],
         "STACK_S3_BUCKETS": ",".join(st["buckets"]),
         "STACK_DIR": st["dir"],
+        **LOOPBACK_ENV,  # ray.init(address="127.0.0.1:...") must not turn it into the machine's address
     }
 
 
@@ -328,10 +360,41 @@ def _secrets(root: Path, sec: dict) -> dict:
     return sec
 
 
+def _postgres_reaches(path: Path) -> bool:
+    """Whether user postgres can write to path (every parent folder traversable)."""
+    return subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(path)], capture_output=True,
+                          timeout=30, stdin=subprocess.DEVNULL).returncode == 0
+
+
+def pg_home(root: Path, previous: str | None = None) -> Path:
+    """PostgreSQL's folder (data/, run/, log): <state>/pg, or, when root runs the stack from a
+    folder that user postgres cannot reach (a parent of mode 0700), a private folder in /tmp
+    owned by postgres, recorded in state.json as pg_dir and deleted by `down --purge`."""
+    pg = root / "pg"
+    if os.geteuid() != 0:
+        return pg  # PostgreSQL runs as the invoking user
+    if previous and Path(previous).is_dir():
+        return Path(previous)  # the data of an earlier `up`
+    pg.mkdir(parents=True, exist_ok=True)
+    shutil.chown(pg, "postgres", "postgres")
+    os.chmod(pg, 0o700)
+    if _postgres_reaches(pg):
+        return pg
+    if not any(pg.iterdir()):
+        pg.rmdir()
+    home = Path(tempfile.mkdtemp(prefix=PG_TMP_PREFIX, dir="/tmp"))
+    shutil.chown(home, "postgres", "postgres")
+    print(f"note: user postgres cannot reach {root} (a parent folder is private), so PostgreSQL's data is in "
+          f"{home} (kept by `down`, deleted by `down --purge`, lost at reboot); "
+          "set STACK_DIR to a folder outside private ones to keep it with the rest")
+    return home
+
+
 def _start_postgres(root: Path, st: dict, sec: dict, deadline: float) -> None:
     if not (PG_BIN / "pg_ctl").exists():
         raise StackError(f"PostgreSQL server binaries not found in {PG_BIN}: apt-get install -y postgresql-15 (or set PG_BIN)")
-    pg = root / "pg"
+    pg = pg_home(root, st.get("pg_dir"))
+    st["pg_dir"] = str(pg)
     data, run = pg / "data", pg / "run"
     for d in (pg, run):
         d.mkdir(parents=True, exist_ok=True)
@@ -406,9 +469,32 @@ def _ray_env(st: dict, sec: dict) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join anything
     env.pop("PGPASSWORD", None)
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=st["ray_dir"], VIRTUAL_ENV=str(BIN.parent))
+    # The head's two Prometheus endpoints default to fixed ports (44227, 44217): free ones instead,
+    # so a second stack on the machine gets its own.
+    env.update(DASHBOARD_METRIC_PORT=str(st["ports"]["ray_dashboard_metrics"]),
+               AUTOSCALER_METRIC_PORT=str(st["ports"]["ray_autoscaler_metrics"]))
     # Job entrypoints run `python ...` on the nodes: that must be this venv's, as on a cluster image.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def ray_start_loopback(argv: list[str]) -> None:
+    """`ray start ARGV` with LOOPBACK_ENV, the worker-node guard lifted for the CLI's check alone.
+
+    Run as `stack.py _ray-start ARGV`: every process it starts inherits LOOPBACK_ENV, so job
+    drivers also resolve 127.0.0.1 to 127.0.0.1 (ray.init(address=...)).
+    """
+    import types
+
+    os.environ.update(LOOPBACK_ENV)
+    import ray._private.ray_constants as ray_constants
+    from ray.scripts import scripts
+
+    if ray_constants.ENABLE_RAY_CLUSTER:  # read from LOOPBACK_ENV at import: Ray changed how
+        raise StackError("this Ray ignores RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: infra/local/stack.py needs updating")
+    scripts.ray_constants = types.SimpleNamespace(**{**vars(ray_constants), "ENABLE_RAY_CLUSTER": True})
+    sys.argv = ["ray", "start", *argv]
+    scripts.main()
 
 
 def _start_ray(root: Path, st: dict, sec: dict, deadline: float) -> None:
@@ -416,9 +502,9 @@ def _start_ray(root: Path, st: dict, sec: dict, deadline: float) -> None:
     rdir = st["ray_dir"]
     Path(rdir).mkdir(parents=True, exist_ok=True)
     env = _ray_env(st, sec)
-    ray = str(BIN / "ray")
+    ray = [sys.executable, str(Path(__file__).resolve()), "_ray-start"]
     store = str(_env_int("STACK_RAY_OBJECT_STORE_MB", 256) * 1024 * 1024)
-    head = [ray, "start", "--head", f"--node-ip-address={HOST}", f"--port={p['ray_gcs']}", f"--temp-dir={rdir}",
+    head = [*ray, "--head", f"--node-ip-address={HOST}", f"--port={p['ray_gcs']}", f"--temp-dir={rdir}",
             "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={p['ray_dashboard']}",
             f"--ray-client-server-port={p['ray_client']}", f"--num-cpus={_env_int('STACK_RAY_HEAD_CPUS', 1)}",
             "--num-gpus=0", f"--object-store-memory={store}", "--disable-usage-stats", *_node_ports(p, "head")]
@@ -435,7 +521,7 @@ def _start_ray(root: Path, st: dict, sec: dict, deadline: float) -> None:
         # agent would delete and re-extract a job's working_dir under the running job driver.
         wdir = f"{rdir}-w{i}"
         Path(wdir).mkdir(parents=True, exist_ok=True)
-        worker = [ray, "start", f"--address={HOST}:{p['ray_gcs']}", f"--node-ip-address={HOST}", f"--temp-dir={wdir}",
+        worker = [*ray, f"--address={HOST}:{p['ray_gcs']}", f"--node-ip-address={HOST}", f"--temp-dir={wdir}",
                   f"--num-cpus={_env_int('STACK_RAY_WORKER_CPUS', 2)}", "--num-gpus=0", f"--object-store-memory={store}",
                   "--disable-usage-stats", *_node_ports(p, f"w{i}")]
         wproc = _spawn(worker, wlog, env=env)
@@ -488,7 +574,8 @@ def up() -> int:
     fixed = {k: _env_int(v, 0) for k, v in {
         "postgres": "STACK_PG_PORT", "s3": "STACK_S3_PORT", "mlflow": "STACK_MLFLOW_PORT",
         "ray_gcs": "STACK_RAY_PORT", "ray_dashboard": "STACK_RAY_DASHBOARD_PORT"}.items()}
-    names = ["postgres", "s3", "mlflow", "ray_gcs", "ray_dashboard", "ray_client",
+    names = ["postgres", "s3", "mlflow", "ray_gcs", "ray_dashboard", "ray_client", "ray_dashboard_metrics",
+             "ray_autoscaler_metrics",
              "weed_master", "weed_volume", "weed_filer", "weed_admin"]
     nodes = ["head"] + [f"w{i}" for i in range(workers)]
     names += [f"{n}_{k}" for n in nodes for k in ("nm", "om", "agent", "agent_grpc", "rtenv", "metrics")]
@@ -502,7 +589,7 @@ def up() -> int:
     if len(buckets) < 2:
         raise StackError("STACK_S3_BUCKETS needs at least two buckets: the corpus bucket and the MLflow bucket")
     st = {"dir": str(root), "ports": ports, "buckets": buckets, "ray_workers": workers,
-          "ray_dir": str(ray_dir(root)), "services": {}, "started_at": time.time()}
+          "ray_dir": str(ray_dir(root)), "services": {}, "started_at": time.time(), "pg_dir": st.get("pg_dir")}
     timeout = _env_int("STACK_TIMEOUT_S", 120)
     deadline = t0 + timeout
     save_state(root, st)
@@ -607,6 +694,9 @@ def down(purge: bool = False) -> int:
     (root / "env").unlink(missing_ok=True)
     if purge:
         shutil.rmtree(root, ignore_errors=True)
+        pg = Path(st.get("pg_dir") or root)
+        if pg.parent == Path("/tmp") and pg.name.startswith(PG_TMP_PREFIX):  # only the folder pg_home made
+            shutil.rmtree(pg, ignore_errors=True)
         if st.get("ray_dir"):
             for i in range(int(st.get("ray_workers", 1))):
                 shutil.rmtree(f"{st['ray_dir']}-w{i}", ignore_errors=True)
@@ -656,6 +746,9 @@ def _main_port(name: str, st: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["_ray-start"]:  # internal: how _start_ray runs `ray start`
+        ray_start_loopback(argv[1:])
+        return 0
     if not argv or argv[0] not in ("up", "down", "status") or argv[0] == "-h":
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
