@@ -533,6 +533,27 @@ def test_attention_hyperparameters_reach_modules():
     assert m.scale == pytest.approx(1 / math.sqrt(D))
     assert make("mha_relpos").scale == pytest.approx(1 / math.sqrt(D // 2))
     assert make("mha_rope", rope_base=500).rope_base == 500.0
+    released = make("mha_relpos", bias=False, out_bias=True)  # SpeechBrain RelPosMHAXL
+    assert released.qkv.bias is None and released.out_proj.bias is not None
+    assert make("mha", out_bias=False).out_proj.bias is None and make("mha", out_bias=False).qkv.bias is not None
+
+
+def test_summary_mixing_hyperparameters_reach_modules():
+    m = make(
+        "summary_mixing", num_heads=2, local_dim=6, local_hidden_dim=10, summary_dim=8,
+        summary_hidden_dim=4, combiner_dim=14, dropout_p=0.25, bias=False,
+    )
+    shapes = lambda layers: [(layer.in_features, layer.out_features, layer.groups) for layer in layers]  # noqa: E731
+    assert shapes(m.local) == [(D, 10, 2), (10, 6, 2)]
+    assert shapes(m.summary) == [(D, 4, 2), (4, 8, 2)]
+    assert [tuple(layer.weight.shape) for layer in m.local] == [(10, D // 2), (6, 5)]  # block-diagonal
+    assert [(c.in_features, c.out_features) for c in m.combiner] == [(6 + 8, 14), (14, D)]
+    assert m.dropout.p == 0.25 and all(layer.bias is None for layer in [*m.local, *m.summary, *m.combiner])
+    paper = make("summary_mixing")  # the paper's widths: d everywhere, one head, one-layer combiner
+    assert shapes(paper.local) == shapes(paper.summary) == [(D, D, 1), (D, D, 1)]
+    assert [(c.in_features, c.out_features) for c in paper.combiner] == [(2 * D, D)]
+    lite = make("summary_mixing", mode="lite", summary_hidden_dim=0)
+    assert lite.local is None and shapes(lite.summary) == [(D, D, 1)]
 
 
 # --------------------------------------------------------------------------- validation
