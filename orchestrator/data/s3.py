@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from orchestrator.data.errors import CorpusError
 from orchestrator.fileio import atomic_output
@@ -44,7 +42,6 @@ from orchestrator.s3 import (  # noqa: F401 - re-exported: the corpus readers' S
 )
 from orchestrator.s3 import ensure_bucket as _ensure_bucket
 
-log = logging.getLogger(__name__)
 
 # Objects below this size are uploaded in one part, so their ETag is their MD5 and unchanged
 # files can be recognised without downloading them.
