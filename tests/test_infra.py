@@ -6,9 +6,12 @@ overrides; the GPU capacity must hold the shipped search spaces; no file may car
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,42 @@ def test_local_stack_scripts_are_valid_and_documented():
         assert "Usage:" in path.read_text()
     out = subprocess.run(["bash", str(INFRA / "local" / "stack.sh")], capture_output=True, text=True)
     assert out.returncode == 2 and "up" in out.stderr
+
+
+# ------------------------------------------------------------------ make system-deps
+
+
+def _system_deps(tmp: Path, as_user: str | None = None) -> subprocess.CompletedProcess:
+    """`make system-deps` with PostgreSQL reported missing and apt-get replaced by a script that only echoes."""
+    fake = tmp / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "apt-get").write_text('#!/bin/sh\necho "APT-GET $*"\n')
+    (fake / "apt-get").chmod(0o755)
+    env = ["env", f"PATH={fake}:{os.environ['PATH']}"]
+    cmd = [*env, "make", "-s", "-C", str(REPO), "system-deps", "PG_CTL=/nonexistent/pg_ctl"]
+    if as_user:
+        cmd = ["runuser", "-u", as_user, "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_make_system_deps_calls_apt_get_only_as_root():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="sysdeps-", dir="/tmp"))
+    try:
+        tmp.chmod(0o755)  # reachable by the unprivileged user below
+        if os.geteuid() == 0:
+            out = _system_deps(tmp)
+            assert out.returncode == 0, out.stderr
+            assert "APT-GET install -y -qq postgresql-15" in out.stdout, out.stdout
+            user = "nobody"
+        else:
+            user = None
+        out = _system_deps(tmp, as_user=user)
+        assert out.returncode == 0, out.stderr
+        assert "APT-GET" not in out.stdout, "a user without root must not run apt-get"
+        lines = out.stdout.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("system-deps: not root, so not installing: postgresql-15"), lines
+        assert "sudo apt-get install -y postgresql-15" in lines[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
