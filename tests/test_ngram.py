@@ -114,3 +114,20 @@ def test_histories_cover_all_prefixes() -> None:
         for gram in counts[n]:
             assert gram[:-1] in counts[n - 1] or gram[:-1] == (BOS,), gram
             assert gram[1:] in counts[n - 1], gram
+
+
+def test_arpa_vocabulary_reads_plain_and_gzip_files(tmp_path: Path) -> None:
+    import gzip
+
+    from orchestrator.data.ngram import arpa_vocabulary
+
+    path = tmp_path / "lm.arpa"
+    build_arpa(TOY, path, order=3)
+    words = arpa_vocabulary(path)
+    assert sorted(words) == sorted({w.upper() for t in TOY for w in t.split()})
+    gz = tmp_path / "lm.arpa.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert arpa_vocabulary(gz) == words
+    (tmp_path / "bad.bin").write_bytes(b"mmap lm http://kheafield.com/code format version 5\0")
+    with pytest.raises(ValueError, match="bad.bin: no .*1-grams"):
+        arpa_vocabulary(tmp_path / "bad.bin")

@@ -28,12 +28,12 @@ Usage::
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
-
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LOG10_ZERO = -99.0  # ARPA's log10 probability of <s> (never predicted)
@@ -152,6 +152,27 @@ def build_arpa(
         "held_out_in_train": sum(t in train_set for t in held),
         "held_out_oov_rate": sum(w not in vocab for w in held_words) / max(1, len(held_words)),
     }
+
+
+def arpa_vocabulary(path: str | os.PathLike) -> list[str]:
+    """The words of an ARPA file (``.arpa`` or ``.arpa.gz``): its unigrams but ``<s>``, ``</s>``
+    and ``<unk>``, read without loading the higher orders."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    words, section = [], False
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            line = line.strip()
+            if line == "\\1-grams:":
+                section = True
+            elif section and line.startswith("\\"):
+                break
+            elif section and line:
+                fields = line.split()
+                if len(fields) >= 2 and fields[1] not in (BOS, EOS, UNK):
+                    words.append(fields[1])
+    if not section:
+        raise ValueError(f"{path}: no \\1-grams: section (not an ARPA file; a binary KenLM model has no readable word list)")
+    return words
 
 
 class ArpaModel:
