@@ -443,7 +443,8 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.tracking import SWEEP_ID_TAG, Tracker, TrackingError, default_tracking_uri
+    from orchestrator.errors import UserError, cli_main, configure_logging
+    from orchestrator.tracking import SWEEP_ID_TAG, Tracker, default_tracking_uri
 
     parser = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_id", help="the sweep id (printed by the sweep; the sweep_id tag of its MLflow run)")
@@ -454,20 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default ./reports/<sweep_id>)")
     parser.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap draws (default 1000)")
     args = parser.parse_args(argv)
-    try:
+    configure_logging()
+
+    def body() -> int:
         tracker = Tracker.open(args.tracking_uri or default_tracking_uri(), args.experiment)
-    except TrackingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.{SWEEP_ID_TAG} = '{args.sweep_id}'")
-    if not runs:
-        print(f"error: no sweep {args.sweep_id!r} in experiment {args.experiment!r}; list sweeps in the MLflow UI", file=sys.stderr)
-        return 2
-    out = Path(args.out or Path("reports") / args.sweep_id)
-    write_report(tracker, runs[0].info.run_id, out, objectives=[(args.metric, args.mode)],
-                 bootstrap_samples=args.bootstrap_samples)
-    print(f"report: {out / 'report.md'}")
-    return 0
+        runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.{SWEEP_ID_TAG} = '{args.sweep_id}'")
+        if not runs:
+            raise UserError(f"no sweep {args.sweep_id!r} in experiment {args.experiment!r}; list sweeps in the MLflow UI")
+        out = Path(args.out or Path("reports") / args.sweep_id)
+        write_report(tracker, runs[0].info.run_id, out, objectives=[(args.metric, args.mode)],
+                     bootstrap_samples=args.bootstrap_samples)
+        print(f"report: {out / 'report.md'}")
+        return 0
+
+    return cli_main(body)  # a UserError (tracking store, no such sweep): one line, exit 2
 
 
 if __name__ == "__main__":
