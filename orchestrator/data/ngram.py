@@ -35,6 +35,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from orchestrator.fileio import atomic_write_bytes
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LOG10_ZERO = -99.0  # ARPA's log10 probability of <s> (never predicted)
 
@@ -96,7 +98,6 @@ def estimate(counts: Sequence[Counter]) -> tuple[list[dict[tuple, float]], list[
 
 def write_arpa(probs: Sequence[dict], backoffs: Sequence[dict], path: str | os.PathLike) -> None:
     """Write an ARPA file (atomically). ``<s>`` is listed with log10 probability -99."""
-    from orchestrator.train.checkpoint import atomic_write_bytes  # here: orchestrator.train imports this module
     order = len(probs)
     entries = [dict(table) for table in probs]
     entries[0][(BOS,)] = 0.0  # placeholder: written as LOG10_ZERO
