@@ -50,7 +50,11 @@ import torch
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 0.04  # encoder frames after 4x subsampling of 10 ms fbank frames
-SCOPES = ("encoder", "paper")
+SCOPE_DEFAULTS: dict[str, tuple[tuple[float, ...], int]] = {
+    "encoder": ((10.0, 20.0), 2),  # (lengths in seconds, batch size)
+    "paper": ((10.0, 20.0, 40.0, 80.0), 6),
+}
+SCOPES = tuple(SCOPE_DEFAULTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,16 +321,18 @@ def profile_model(
     ``lengths_s`` / ``batch_size`` ``None`` take the scope's defaults (``encoder``: 10, 20 s x 2;
     ``paper``: 10, 20, 40, 80 s x 6). ``device`` ``None``: CUDA when available (fp16 autocast there).
     """
-    if scope not in SCOPES:
+    if scope not in SCOPE_DEFAULTS:
         raise ValueError(f"profile.scope {scope!r} is not one of {', '.join(SCOPES)}")
+    default_lengths, default_batch = SCOPE_DEFAULTS[scope]
+    lengths_s = tuple(lengths_s or default_lengths)
+    batch_size = batch_size or default_batch
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else None
     if scope == "paper":
-        return profile_paper_scope(model_config, lengths_s=tuple(lengths_s or (10.0, 20.0, 40.0, 80.0)),
-                                   batch_size=batch_size or 6, repeats=repeats, device=device, dtype=dtype)
+        return profile_paper_scope(model_config, lengths_s=lengths_s, batch_size=batch_size, repeats=repeats,
+                                   device=device, dtype=dtype)
     from models.builder import build_encoder
 
     torch.manual_seed(0)
-    return profile_encoder(build_encoder(model_config), model_config.encoder.model_dim,
-                           lengths_s=tuple(lengths_s or (10.0, 20.0)), batch_size=batch_size or 2,
-                           repeats=repeats, device=device, dtype=dtype)
+    return profile_encoder(build_encoder(model_config), model_config.encoder.model_dim, lengths_s=lengths_s,
+                           batch_size=batch_size, repeats=repeats, device=device, dtype=dtype)

@@ -167,18 +167,28 @@ class Resources:
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileSpec:
-    """The encoder profile each trial ends with."""
+    """The encoder profile each trial ends with (orchestrator/profile.py)."""
 
-    lengths_s: tuple[float, ...] = (10.0, 20.0)
-    """Audio lengths (seconds) at which the encoder's forward time and peak memory are measured."""
-    batch_size: int = 2
-    """Utterances per profiled batch."""
+    scope: Literal["encoder", "paper"] = "encoder"
+    """``encoder``: the Conformer blocks on encoder-frame inputs, the call's peak memory above
+    weights and inputs; ``paper``: the paper's protocol, front-end + encoder + CTC head with
+    weights and inputs included (fp16 on GPU)."""
+    lengths_s: tuple[float, ...] | None = None
+    """Audio lengths (seconds) at which forward time and peak memory are measured; unset: the
+    scope's (encoder: 10, 20; paper: 10, 20, 40, 80)."""
+    batch_size: int | None = None
+    """Utterances per profiled batch; unset: the scope's (encoder: 2; paper: 6)."""
     repeats: int = 2
     """Timed repetitions per length (the median is reported)."""
     enabled: bool = True
     """Off: no encoder_* metrics (and they cannot be objectives)."""
 
     def __post_init__(self) -> None:
+        from orchestrator.profile import SCOPE_DEFAULTS
+
+        lengths, batch = SCOPE_DEFAULTS[self.scope]
+        object.__setattr__(self, "lengths_s", lengths if self.lengths_s is None else self.lengths_s)
+        object.__setattr__(self, "batch_size", batch if self.batch_size is None else self.batch_size)
         if not self.lengths_s or min(self.lengths_s) <= 0:
             raise ValueError(f"profile.lengths_s: must be a non-empty list of positive seconds, got {list(self.lengths_s)}")
         _at_least("profile.batch_size", self.batch_size, 1)

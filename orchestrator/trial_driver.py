@@ -79,14 +79,15 @@ class TrialContext:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The spec's ``profile`` section: ``enabled``, ``lengths_s``, ``batch_size``, ``repeats``."""
+    """The spec's ``profile`` section: ``enabled``, ``scope``, ``lengths_s``, ``batch_size``, ``repeats``."""
     objectives: tuple[str, ...] = ("dev_wer",)
     max_failures: int = 0
 
     def profile_settings(self) -> ProfileSettings | None:
         if not self.profile.get("enabled", True):
             return None
-        return ProfileSettings(lengths_s=tuple(float(x) for x in self.profile.get("lengths_s", (10.0, 20.0))),
+        return ProfileSettings(scope=str(self.profile.get("scope", "encoder")),
+                               lengths_s=tuple(float(x) for x in self.profile.get("lengths_s", (10.0, 20.0))),
                                batch_size=int(self.profile.get("batch_size", 2)),
                                repeats=int(self.profile.get("repeats", 2)))
 

@@ -257,7 +257,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         tracking_uri=uri, experiment_id=tracker.experiment_id, parent_run_id=parent,
         workers=spec.resources.workers, cpus_per_worker=spec.resources.cpus_per_worker,
         gpus_per_worker=spec.resources.gpus_per_worker,
-        profile={"enabled": spec.profile.enabled, "lengths_s": list(spec.profile.lengths_s),
+        profile={"enabled": spec.profile.enabled, "scope": spec.profile.scope, "lengths_s": list(spec.profile.lengths_s),
                  "batch_size": spec.profile.batch_size, "repeats": spec.profile.repeats},
         objectives=tuple(metrics), max_failures=spec.sweep.max_failures,
     )

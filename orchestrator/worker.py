@@ -52,6 +52,8 @@ training works; above this the run has diverged even if the number is still fini
 class ProfileSettings:
     """The sweep's ``profile`` section: what the encoder profile measures."""
 
+    scope: str = "encoder"
+    """``encoder`` or ``paper`` (see orchestrator/profile.py)."""
     lengths_s: tuple[float, ...] = (10.0, 20.0)
     batch_size: int = 2
     repeats: int = 2
@@ -184,24 +186,11 @@ def torch_threads(cpus: float) -> int:
 
 
 def profile_trial(config, settings: ProfileSettings) -> dict[str, float]:
-    """The encoder's forward time and peak memory on this process's device (GPU when it has one)."""
-    import torch
+    """Forward time and peak memory in the profile's scope, on this process's device (GPU when it has one)."""
+    from orchestrator.profile import profile_model
 
-    from models.builder import build_encoder
-    from orchestrator.profile import profile_encoder
-
-    encoder = build_encoder(config.model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else None
-    return profile_encoder(
-        encoder,
-        config.model.encoder.model_dim,
-        lengths_s=tuple(settings.lengths_s),
-        batch_size=settings.batch_size,
-        repeats=settings.repeats,
-        device=device,
-        dtype=dtype,
-    )
+    return profile_model(config.model, scope=settings.scope, lengths_s=tuple(settings.lengths_s),
+                         batch_size=settings.batch_size, repeats=settings.repeats)
 
 
 class _Rank:
