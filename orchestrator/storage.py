@@ -1,7 +1,7 @@
 """Where a sweep keeps what must survive: a local (or shared) folder, or ``s3://bucket/prefix``.
 
 Both backends have the same methods and the same layout of relative paths (``rel``), see
-:mod:`orchestrator.driver`. Code that writes files the training loops read back (checkpoints,
+:mod:`orchestrator.tuner`. Code that writes files the training loops read back (checkpoints,
 reports) works in :meth:`Storage.local` -- for a folder that is the storage itself, for S3 a
 node-local working folder (under ``POM_WORK_DIR``, default ``<tmp>/pom-ablations-work``) that
 mirrors the prefix -- and then publishes them:
