@@ -152,10 +152,12 @@ def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
     for i, params in enumerate(trials):
         print(f"  {i}: " + ", ".join(f"{k}={v}" for k, v in params.items()), file=out)
     step_s = estimate_step_seconds(spec, trials[0] if trials else {})
-    steps = base.pretrain.steps + base.finetune.steps
+    steps = base.pretrain.steps + (base.finetune.steps or 0)  # a budget in epochs is known from the corpus only
+    budget = f"{steps} steps" if base.finetune.steps is not None else (
+        f"{steps} pre-training steps (+ {base.finetune.epochs} fine-tuning epochs, not counted)")
     workers = spec.resources.workers
     hours = n * steps * step_s * workers / 3600.0
-    print(f"# estimate: {step_s:.3f} s per step measured here x {steps} steps x {n} trials x "
+    print(f"# estimate: {step_s:.3f} s per step measured here x {budget} x {n} trials x "
           f"{workers} worker(s) = {hours:.2f} worker-hours (training only, this machine)", file=out)
     return {"trials": trials, "num_trials": n, "step_seconds": step_s, "worker_hours": hours}
 

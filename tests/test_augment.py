@@ -1,4 +1,4 @@
-"""AugmentConfig, SpecAugment and SpeedPerturb."""
+"""AugmentConfig, SpecAugment, SpeedPerturb, DropFreq, DropChunk and the wave chain with clean concat."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import pytest
 import torch
 import torchaudio
 
-from orchestrator.data.augment import AugmentConfig, SpecAugment, SpeedPerturb
+from orchestrator.data.augment import (
+    AugmentConfig,
+    DropChunk,
+    DropFreq,
+    SpecAugment,
+    SpeedPerturb,
+    WaveAugment,
+    band_stop_filter,
+)
 
 
 def padded_features(lengths: list[int], num_channels: int = 80, seed: int = 0) -> torch.Tensor:
@@ -36,6 +44,10 @@ def test_config_validates_and_rejects_unknown_keys():
         ({"freq_mask_width": 2.5}, "freq_mask_width"),
         ({"time_mask_max_ratio": 0.0}, "time_mask_max_ratio"),
         ({"mask_value": math.nan}, "mask_value"),
+        ({"drop_freq_bands": (3, 1)}, "drop_freq_bands"),
+        ({"drop_freq_width": 0.0}, "drop_freq_width"),
+        ({"drop_chunk_count": (1,)}, "drop_chunk_count"),
+        ({"drop_chunk_length": (0, 10)}, "drop_chunk_length"),
     ]:
         with pytest.raises(ValueError, match=f"AugmentConfig.{field}="):
             AugmentConfig(**bad).validate()
@@ -143,3 +155,112 @@ def test_speed_perturb_is_seeded_and_off_for_unit_factor():
         assert torch.equal(la, lb) and torch.equal(wa, wb)
     out, out_lengths = SpeedPerturb(AugmentConfig(speed_factors=(1.0,)))(waves, lengths)
     assert out is waves and out_lengths is lengths
+
+
+# ---------------------------------------------------------------------- DropFreq, DropChunk, chain
+
+PAPER = dict(speed_factors=(0.95, 1.0, 1.05), drop_freq_bands=(1, 3), drop_freq_width=0.05,
+             drop_chunk_count=(1, 5), drop_chunk_length=(1000, 2000), concat_clean=True,
+             num_freq_masks=0, num_time_masks=0)
+
+
+def _band_energy_db(wave: torch.Tensor, low: float, high: float) -> float:
+    """Mean power (dB) of ``wave``'s spectrum between ``low`` and ``high`` (fractions of Nyquist)."""
+    power = torch.fft.rfft(wave.double()).abs().pow(2)
+    freqs = torch.linspace(0.0, 1.0, power.shape[0], dtype=torch.float64)
+    return float(10 * torch.log10(power[(freqs >= low) & (freqs <= high)].mean()))
+
+
+def test_band_stop_filter_removes_the_band_only():
+    noise = torch.randn(64000, generator=torch.Generator().manual_seed(0))
+    out = torchaudio.functional.fftconvolve(noise, band_stop_filter(0.30, 0.35), mode="same")
+    inner = _band_energy_db(out, 0.31, 0.34) - _band_energy_db(noise, 0.31, 0.34)
+    assert inner < -35.0, inner  # the middle of the band is gone
+    for low, high in ((0.05, 0.25), (0.40, 0.95)):  # away from the band: unchanged
+        assert abs(_band_energy_db(out, low, high) - _band_energy_db(noise, low, high)) < 0.2
+
+
+def test_drop_freq_removes_the_drawn_bands_and_keeps_shape_and_padding():
+    config = AugmentConfig(drop_freq_bands=(1, 3), drop_freq_width=0.05, seed=3)
+    aug = DropFreq(config).train()
+    waves, lengths = padded_waves([48000, 30000, 20000])
+    before = aug.generator.get_state()
+    out = aug(waves, lengths)
+    aug.generator.set_state(before)
+    bands = aug.draw(3)
+    assert out.shape == waves.shape and all(1 <= len(b) <= 3 for b in bands)
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.all(out[row, n:] == 0)
+        for low, high in bands[row]:
+            width = high - low
+            if width < 0.04:  # clipped at 0 or Nyquist: too narrow to measure its middle
+                continue
+            mid = (low + width * 0.3, high - width * 0.3)
+            # the middle of each drawn band lost most of its energy (the edges of the utterance
+            # are not filtered against a full window, so measure on its inner part)
+            drop = _band_energy_db(out[row, 2000 : n - 2000], *mid) - _band_energy_db(waves[row, 2000 : n - 2000], *mid)
+            assert drop < -20.0, (row, low, high, drop)
+    assert DropFreq(config).eval()(waves, lengths) is waves
+
+
+def test_drop_chunk_zeroes_exactly_the_drawn_chunks():
+    config = AugmentConfig(drop_chunk_count=(1, 5), drop_chunk_length=(1000, 2000), seed=4)
+    aug = DropChunk(config).train()
+    lengths = torch.tensor([40000, 16000, 1500, 9000])
+    waves = torch.zeros(4, 40000)
+    for row, n in enumerate(lengths.tolist()):
+        waves[row, :n] = 1.0
+    for _ in range(5):
+        before = aug.generator.get_state()
+        out = aug(waves, lengths)
+        aug.generator.set_state(before)
+        chunks = aug.draw(lengths)  # the same draws, and the generator where forward left it
+        for row, n in enumerate(lengths.tolist()):
+            assert 1 <= len(chunks[row]) <= 5
+            dropped = set()
+            for start, width in chunks[row]:
+                assert width == min(width, n) and (1000 <= width <= 2000 or width == n)
+                assert 0 <= start and start + width <= n
+                dropped |= set(range(start, start + width))
+            zeros = (out[row, :n] == 0).nonzero().flatten().tolist()
+            assert zeros == sorted(dropped)  # exactly the union of the chunks
+            assert torch.all(out[row, n:] == 0)
+    assert DropChunk(config).eval()(waves, lengths) is waves
+
+
+def test_wave_chain_with_clean_concat_doubles_the_batch():
+    waves, lengths = padded_waves([16000, 12000, 7000])
+    chain = WaveAugment(AugmentConfig(**PAPER, seed=2)).train()
+    out, out_lengths, copies = chain(waves, lengths)
+    assert copies == 2 and out.shape[0] == 6 and out_lengths.shape == (6,)
+    assert out.shape[1] == max(int(out_lengths.max()), waves.shape[1])
+    # the second half is the clean batch, unchanged
+    assert torch.equal(out_lengths[3:], lengths)
+    assert torch.equal(out[3:, : waves.shape[1]], waves) and torch.all(out[3:, waves.shape[1] :] == 0)
+    # the first half went through speed (lengths of 0.95, 1.0 or 1.05) and the drops
+    for row, n in enumerate(lengths.tolist()):
+        m = int(out_lengths[row])
+        assert m in {n, -(-n * 20 // 19), -(-n * 20 // 21)}, (n, m)
+        assert torch.all(out[row, m:] == 0)
+        assert int((out[row, :m] == 0).sum()) >= 1000  # at least one chunk of 1000+ samples
+    # eval: the inputs, one copy
+    chain.eval()
+    same, same_lengths, one = chain(waves, lengths)
+    assert same is waves and torch.equal(same_lengths, lengths) and one == 1
+    # without concat: the augmented batch only
+    alone = WaveAugment(AugmentConfig(**{**PAPER, "concat_clean": False}, seed=2)).train()
+    out1, lengths1, copies1 = alone(waves, lengths)
+    assert copies1 == 1 and out1.shape[0] == 3
+    assert torch.equal(out1, out[:3, : out1.shape[1]]) and torch.equal(lengths1, out_lengths[:3])
+
+
+def test_wave_chain_resumes_from_its_state_dict():
+    waves, lengths = padded_waves([16000, 9000])
+    a = WaveAugment(AugmentConfig(**PAPER, seed=7)).train()
+    a(waves, lengths)
+    state = a.state_dict()
+    b = WaveAugment(AugmentConfig(**PAPER, seed=99)).train()
+    b.load_state_dict(state)
+    for _ in range(3):
+        (wa, la, _), (wb, lb, _) = a(waves, lengths), b(waves, lengths)
+        assert torch.equal(wa, wb) and torch.equal(la, lb)

@@ -1,17 +1,25 @@
-"""Fine-tuning augmentation: SpecAugment on features, speed perturbation on waves.
+"""Fine-tuning augmentation: speed perturbation, DropFreq and DropChunk on waves, SpecAugment on
+features.
 
 Dimensions: b batch, s audio samples, t feature frames, f feature channels (mel bins).
 
-Both modules run on the collated batch inside the loop (on its device), are seeded from
-:class:`AugmentConfig` (and the rank), and are identities in ``eval()``. Their random generator
+Every module runs on the collated batch inside the loop (on its device), is seeded from
+:class:`AugmentConfig` (and the rank), and is an identity in ``eval()``. Its random generator
 state is part of ``module.state_dict()`` (the ``_extra_state`` entry), so a resumed run draws
 the same augmentations as an uninterrupted one.
 
-Order in a fine-tuning step::
+Order in a fine-tuning step (:class:`WaveAugment` is the first three, in sequence)::
 
     waves, wave_lengths = speed_perturb(batch["waves"], batch["wave_lengths"])   # (b, s'), (b,)
-    feats, frame_lengths = fbank(waves, wave_lengths)                           # (b, t, f), (b,)
-    feats = spec_augment(feats, frame_lengths)                                  # (b, t, f)
+    waves = drop_freq(waves, wave_lengths)                                      # (b, s')
+    waves = drop_chunk(waves, wave_lengths)                                     # (b, s')
+    waves, wave_lengths = cat([waves, clean]) if concat_clean                   # (2b, s''), (2b,)
+    feats, frame_lengths = fbank(waves, wave_lengths)                           # (.., t, f), (..,)
+    feats = spec_augment(feats, frame_lengths)                                  # (.., t, f)
+
+The paper's released recipe is the wave chain with the clean batch concatenated (speed
+{95, 100, 105} %, DropFreq 1-3 bands of width 0.05, DropChunk 1-5 chunks of 1000-2000 samples)
+and no SpecAugment; the defaults here are the earlier speed {0.9, 1.1} + SpecAugment LD policy.
 
 Speed factors below 1 lengthen the audio (0.9 -> +11 %): leave that headroom in the sampler's
 ``max_batch_seconds``, which counts the original durations.
@@ -28,7 +36,7 @@ import torch
 import torchaudio
 from torch import nn
 
-__all__ = ["AugmentConfig", "SpecAugment", "SpeedPerturb"]
+__all__ = ["AugmentConfig", "DropChunk", "DropFreq", "SpecAugment", "SpeedPerturb", "WaveAugment"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +65,31 @@ class AugmentConfig:
     mask_value: float = 0.0
     """Value written into masked features; 0 is the mean of the globally normalised features."""
 
+    drop_freq_bands: tuple[int, int] = (0, 0)
+    """DropFreq: fewest and most frequency bands removed per utterance, each count equally
+    likely (the paper: 1 to 3; ``(0, 0)`` = off)."""
+
+    drop_freq_width: float = 0.05
+    """DropFreq: width of each removed band as a fraction of the Nyquist frequency (the paper:
+    0.05, 400 Hz at 16 kHz); band centres are uniform over (0, 1) of Nyquist."""
+
+    drop_chunk_count: tuple[int, int] = (0, 0)
+    """DropChunk: fewest and most chunks zeroed per utterance (the paper: 1 to 5; ``(0, 0)`` = off)."""
+
+    drop_chunk_length: tuple[int, int] = (1000, 2000)
+    """DropChunk: shortest and longest chunk in samples (the paper: 1000 to 2000)."""
+
+    concat_clean: bool = False
+    """Train on the augmented batch and the clean batch concatenated (the effective batch doubles;
+    the paper: on)."""
+
     seed: int = 0
     """Seed of the augmentation generators (combined with the rank)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.speed_factors, list):  # YAML gives lists; keep the config hashable
-            object.__setattr__(self, "speed_factors", tuple(self.speed_factors))
+        for name in ("speed_factors", "drop_freq_bands", "drop_chunk_count", "drop_chunk_length"):
+            if isinstance(getattr(self, name), list):  # YAML gives lists; keep the config hashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad field."""
@@ -85,6 +112,15 @@ class AugmentConfig:
             raise bad("time_mask_max_ratio", "must be in (0, 1]")
         if not (isinstance(self.mask_value, (int, float)) and math.isfinite(self.mask_value)):
             raise bad("mask_value", "must be a finite number")
+        for name, least in (("drop_freq_bands", 0), ("drop_chunk_count", 0), ("drop_chunk_length", 1)):
+            pair = getattr(self, name)
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                    and least <= pair[0] <= pair[1]):
+                raise bad(name, f"must be [low, high], integers with {least} <= low <= high")
+        if not (isinstance(self.drop_freq_width, (int, float)) and 0.0 < self.drop_freq_width <= 0.5):
+            raise bad("drop_freq_width", "must be in (0, 0.5] (a fraction of the Nyquist frequency)")
+        if not isinstance(self.concat_clean, bool):
+            raise bad("concat_clean", "must be true or false")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AugmentConfig:
@@ -291,3 +327,164 @@ class SpeedPerturb(_SeededAugment):
         # Resampling smears the end of the signal into the padding: restore exact zeros there.
         out.masked_fill_(torch.arange(new_s, device=waves.device)[None, :] >= new_lengths[:, None], 0.0)
         return out, new_lengths
+
+
+DROP_FREQ_TAPS = 401
+"""Length of DropFreq's FIR band-stop filter. With a Hamming window the transition band is
+about 3.3 / 401 of the sample rate (130 Hz at 16 kHz), narrow beside a 400 Hz band, so the
+middle of the band is attenuated by about 50 dB."""
+
+
+def band_stop_filter(low: float, high: float, taps: int = DROP_FREQ_TAPS) -> torch.Tensor:
+    """A linear-phase FIR band-stop filter removing ``[low, high]`` (fractions of Nyquist).
+
+    Windowed-sinc design: a unit impulse minus the band-pass ``lowpass(high) - lowpass(low)``,
+    where ``lowpass(c)[n] = c * sinc(c * n)`` (unit gain below ``c`` of Nyquist), the band-pass
+    tapered by a Hamming window. Returns (taps,) float32, symmetric, centred on ``taps // 2``.
+    """
+    n = torch.arange(taps, dtype=torch.float64) - (taps - 1) / 2  # (taps,)
+    band = high * torch.sinc(high * n) - low * torch.sinc(low * n)
+    kernel = -band * torch.hamming_window(taps, periodic=False, dtype=torch.float64)
+    kernel[taps // 2] += 1.0
+    return kernel.float()
+
+
+def _zero_padding(waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return waves.masked_fill(torch.arange(waves.shape[1], device=waves.device)[None, :] >= lengths[:, None], 0.0)
+
+
+def _check_waves(name: str, waves: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    if waves.dim() != 2:
+        raise ValueError(f"{name} expects waves (batch, samples), got shape {tuple(waves.shape)}")
+    b, s = waves.shape
+    if lengths is None:
+        return torch.full((b,), s, dtype=torch.long, device=waves.device)
+    if lengths.shape != (b,):
+        raise ValueError(f"{name}: lengths has shape {tuple(lengths.shape)}, expected ({b},)")
+    return lengths.long()
+
+
+class DropFreq(_SeededAugment):
+    """Removes random frequency bands from each utterance with a band-stop filter on the wave.
+
+    Each utterance draws a band count uniform in ``config.drop_freq_bands`` and, per band, a
+    centre uniform in (0, 1) of Nyquist; the band ``[centre - width / 2, centre + width / 2]``
+    (clipped to [0, 1]) is removed by :func:`band_stop_filter`, applied with FFT convolution
+    (``torchaudio.functional.fftconvolve``, zero phase). Bands are applied in sequence; padding
+    stays zero.
+    """
+
+    def __init__(self, config: AugmentConfig, *, rank: int = 0) -> None:
+        config.validate()
+        super().__init__(config.seed, rank, salt=3)
+        self.bands = config.drop_freq_bands
+        self.width = float(config.drop_freq_width)
+
+    def extra_repr(self) -> str:
+        return f"bands={self.bands}, width={self.width}"
+
+    def draw(self, b: int) -> list[list[tuple[float, float]]]:
+        """Per utterance, the bands ``(low, high)`` (fractions of Nyquist) it loses."""
+        lo, hi = self.bands
+        counts = torch.randint(lo, hi + 1, (b,), generator=self.generator).tolist()
+        out = []
+        for count in counts:
+            centres = self._rand(count).tolist()
+            out.append([(max(0.0, c - self.width / 2), min(1.0, c + self.width / 2)) for c in centres])
+        return out
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s) waves with the drawn bands removed in training; the same tensor in eval."""
+        lengths = _check_waves("DropFreq", waves, lengths)
+        if not self.training or self.bands[1] == 0:
+            return waves
+        bands = self.draw(waves.shape[0])
+        out = waves.clone()
+        for k in range(max((len(row) for row in bands), default=0)):
+            rows = [i for i, row in enumerate(bands) if len(row) > k]
+            kernels = torch.stack([band_stop_filter(*bands[i][k]) for i in rows]).to(waves.device, waves.dtype)
+            index = torch.tensor(rows, device=waves.device)
+            out[index] = torchaudio.functional.fftconvolve(out[index], kernels, mode="same")  # (g, s)
+        return _zero_padding(out, lengths)
+
+
+class DropChunk(_SeededAugment):
+    """Zeroes random chunks of each utterance's real samples.
+
+    Each utterance draws a chunk count uniform in ``config.drop_chunk_count`` and, per chunk, a
+    length uniform in ``config.drop_chunk_length`` (at most the utterance's length) and a start
+    uniform over the positions where the chunk fits. Chunks may overlap.
+    """
+
+    def __init__(self, config: AugmentConfig, *, rank: int = 0) -> None:
+        config.validate()
+        super().__init__(config.seed, rank, salt=4)
+        self.count = config.drop_chunk_count
+        self.length = config.drop_chunk_length
+
+    def extra_repr(self) -> str:
+        return f"count={self.count}, length={self.length}"
+
+    def draw(self, lengths: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per utterance, the chunks ``(start, width)`` it loses, inside ``[0, length)``."""
+        lo, hi = self.count
+        counts = torch.randint(lo, hi + 1, (lengths.shape[0],), generator=self.generator).tolist()
+        out = []
+        for n, count in zip(lengths.tolist(), counts):
+            chunks = []
+            for _ in range(count):
+                width = min(int(torch.randint(self.length[0], self.length[1] + 1, (1,), generator=self.generator)), n)
+                start = int(self._rand(1) * (n - width + 1))
+                chunks.append((start, width))
+            out.append(chunks)
+        return out
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s) waves with the drawn chunks zeroed in training; the same tensor in eval."""
+        lengths = _check_waves("DropChunk", waves, lengths)
+        if not self.training or self.count[1] == 0:
+            return waves
+        keep = torch.ones_like(waves, dtype=torch.bool, device="cpu")  # (b, s)
+        for row, chunks in enumerate(self.draw(lengths.cpu())):
+            for start, width in chunks:
+                keep[row, start : start + width] = False
+        return waves * keep.to(waves.device)
+
+
+class WaveAugment(nn.Module):
+    """The wave chain in sequence: speed perturbation, DropFreq, DropChunk; then, with
+    ``concat_clean``, the clean batch appended (rows ``[augmented..., clean...]``).
+
+    Args:
+        config: the augmentation settings.
+        sample_rate: the waves' sample rate.
+        rank: DDP rank, so that ranks draw different augmentations.
+    """
+
+    def __init__(self, config: AugmentConfig, *, sample_rate: int = 16000, rank: int = 0) -> None:
+        super().__init__()
+        self.speed = SpeedPerturb(config, sample_rate=sample_rate, rank=rank)
+        self.drop_freq = DropFreq(config, rank=rank)
+        self.drop_chunk = DropChunk(config, rank=rank)
+        self.concat_clean = config.concat_clean
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Augments a (b, s) batch in training.
+
+        Returns:
+            ``(waves, lengths, copies)``: (copies * b, s') waves zero-padded to the longest row,
+            their lengths, and ``copies`` (2 with ``concat_clean`` in training, else 1): targets
+            are repeated ``copies`` times to match the rows. In eval, the inputs and 1.
+        """
+        lengths = _check_waves("WaveAugment", waves, lengths)
+        if not self.training:
+            return waves, lengths, 1
+        out, out_lengths = self.speed(waves, lengths)
+        out = self.drop_chunk(self.drop_freq(out, out_lengths), out_lengths)
+        if not self.concat_clean:
+            return out, out_lengths, 1
+        s = max(out.shape[1], waves.shape[1])
+        both = out.new_zeros(2 * waves.shape[0], s)
+        both[: out.shape[0], : out.shape[1]] = out
+        both[out.shape[0] :, : waves.shape[1]] = _zero_padding(waves, lengths)
+        return both, torch.cat([out_lengths, lengths]), 2

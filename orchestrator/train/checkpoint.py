@@ -3,12 +3,15 @@
 A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding ``state.pt`` (model,
 optimizer, scheduler, sampler position, RNG states, step, config) and ``meta.json``. It is written
 under a temporary name and renamed into place, so a crash never leaves a half-written checkpoint
-that a resume would pick up; ``latest`` always names a complete one.
+that a resume would pick up; ``latest`` always names a complete one. ``best.json`` (written by
+fine-tuning) names the checkpoint with the best dev WER; that one is never pruned while it is
+the best, and the pointer is rewritten before any pruning, so it always names a complete folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 _PREFIX = "step-"
+BEST_POINTER = "best.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,6 +75,7 @@ def save_checkpoint(
     keep: int = 2,
     meta: dict | None = None,
     write_files: Callable[[Path], None] | None = None,
+    best: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``state`` as ``<checkpoint_root>/step-<step>`` atomically; keep the newest ``keep``.
 
@@ -82,6 +87,9 @@ def save_checkpoint(
         meta: JSON-able facts written to ``meta.json`` (step, metrics, completeness).
         write_files: called with the temporary folder to add files (e.g. the tokenizer) that
             must appear together with the state, in the same rename.
+        best: ``{"step": N, ...}`` naming the best checkpoint so far (this one or an earlier one
+            that still exists): written to ``best.json`` before pruning, and that checkpoint is
+            kept besides the newest ``keep``.
 
     Returns:
         The folder of the new checkpoint.
@@ -108,8 +116,18 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_json(root / "latest.json", {"step": step, "path": final.name})
+    protected = None
+    if best is not None:
+        protected = f"{_PREFIX}{int(best['step']):08d}"
+        if (root / protected / "state.pt").is_file():
+            atomic_write_json(root / BEST_POINTER, {**best, "path": protected})
+        else:  # e.g. resumed on a fresh node that only fetched the newest checkpoint
+            logging.getLogger("orchestrator.train").warning(
+                "the best checkpoint %s is not here: best.json not updated", root / protected
+            )
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != protected:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -120,6 +138,24 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def best_checkpoint(checkpoint_root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``best.json`` names and the pointer's content, or ``None`` when there is
+    no pointer or its checkpoint is gone."""
+    root = Path(checkpoint_root)
+    try:
+        pointer = json.loads((root / BEST_POINTER).read_text())
+    except (OSError, ValueError):
+        return None
+    path = root / str(pointer.get("path", ""))
+    return (path, pointer) if pointer.get("path") and (path / "state.pt").is_file() else None
+
+
+def checkpoint_to_test(checkpoint_root: Path) -> Path | None:
+    """The checkpoint a test evaluation loads: the best dev WER's (``best.json``), else the newest."""
+    best = best_checkpoint(checkpoint_root)
+    return best[0] if best is not None else latest_checkpoint(checkpoint_root)
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:

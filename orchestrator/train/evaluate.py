@@ -1,7 +1,8 @@
 """Test evaluation of a fine-tuned model: beam search (or greedy), WER/CER per subset, bootstrap CI.
 
     evaluate_run(config, report=...)
-      -> the newest fine-tuning checkpoint (or ``checkpoint=``): model config, weights, tokenizer
+      -> the fine-tuning checkpoint with the best greedy dev WER (``checkpoints/best.json``; the
+         newest without one) or ``checkpoint=``: model config, weights, tokenizer
       -> per test subset: this rank's share decoded with torchaudio's CTC beam search
          (lexicon-free, or constrained to a lexicon, e.g. the training words; optional KenLM
          n-gram), hypotheses gathered from all ranks
@@ -21,7 +22,7 @@ from typing import Any
 from models.config import config_from_dict
 from models.ctc import CTCModel
 from orchestrator.data.tokenizers import load_tokenizer
-from orchestrator.train.checkpoint import atomic_write_bytes, latest_checkpoint, load_state
+from orchestrator.train.checkpoint import atomic_write_bytes, checkpoint_to_test, load_state
 from orchestrator.train.config import RunConfig
 from orchestrator.train.data import ensure_corpus, load_utterances
 from orchestrator.train.decoding import BeamSearchDecoder, Scores, bootstrap_wer_ci, write_lexicon
@@ -85,7 +86,7 @@ def evaluate_run(
     Args:
         config: the run configuration (``eval`` settings, ``data`` subsets, ``output_dir``).
         report: ``report(metrics, None)`` on every rank once all subsets are scored.
-        checkpoint: a fine-tuning checkpoint folder; default the newest of this run.
+        checkpoint: a fine-tuning checkpoint folder; default this run's best dev WER one.
         subsets: subsets to evaluate; default ``config.data.test_subsets``.
 
     Returns:
@@ -96,7 +97,7 @@ def evaluate_run(
     runtime = Runtime.create(config.device, "fp32" if config.finetune.precision == "auto" else config.finetune.precision)
     if checkpoint is None:
         folder = Path(config.output_dir) / "finetune" / "checkpoints"
-        found = latest_checkpoint(folder)
+        found = checkpoint_to_test(folder)
         if found is None:
             raise ValueError(f"no fine-tuning checkpoint in {folder}: run `python -m orchestrator.run finetune` first")
         checkpoint = found

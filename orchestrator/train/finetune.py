@@ -1,40 +1,49 @@
-"""CTC fine-tuning loop and greedy validation (pure PyTorch: no Ray, no MLflow).
+"""CTC fine-tuning objective and greedy validation (pure PyTorch: no Ray, no MLflow).
 
 Dimensions: b batch, s samples, t' encoder frames, v vocabulary, u target tokens.
 
-    finetune(config, report=...)
+    finetune(config, report=...)  ->  run_stage(FinetuneObjective)   (orchestrator.train.loop)
       -> tokenizer (characters, or sentencepiece trained on the training transcripts)
       -> CTCModel: encoder from the pre-training checkpoint (loaded/skipped/missing keys logged)
          or random init (then normaliser statistics are estimated here)
-      -> AdamW with two groups (CTC head 3e-4, encoder 5e-5: the paper), Noam warm-up
+      -> budget: ``finetune.steps`` optimiser steps, or ``finetune.epochs`` passes over the
+         training subsets (resolved to steps from the sampler's batches per epoch)
+      -> AdamW with two groups (CTC head ``head_lr``, encoder ``encoder_lr``; the paper: 3e-4 and
+         5e-5, weight decay 1e-3) and ``finetune.schedule``: ``noam``, ``linear``, ``constant``
+         (after a linear warm-up) or ``newbob`` (annealed on the dev loss at each evaluation:
+         head x ``newbob_head_factor``, encoder x ``newbob_encoder_factor`` when the relative
+         improvement is below ``newbob_threshold`` for more than ``newbob_patience`` evaluations)
       -> optional frozen-encoder warm-up: the first freeze_encoder_steps train the head only
-      -> speed perturbation + SpecAugment, CTC loss (zero_infinity)
-      -> every eval_every steps and at the end: greedy dev WER/CER per subset
+      -> augmentation (``finetune.augment``): speed perturbation, DropFreq, DropChunk on the waves
+         in sequence, the clean batch optionally concatenated, SpecAugment on the features;
+         CTC loss (zero_infinity)
+      -> every ``eval_every`` steps (or each epoch) and at the end: greedy dev WER/CER/loss per
+         subset; a new best dev WER writes a checkpoint and ``checkpoints/best.json`` names it
+         (the test evaluation loads that one)
 
 Output folder ``<output_dir>/finetune/``: ``config.yaml``, ``tokenizer/``, ``checkpoints/``
 (each checkpoint holds its own ``tokenizer/`` too, so it is self-contained for evaluation).
 
 Reported metrics: ``finetune/loss`` (CTC per target token), ``finetune/grad_norm``,
-``finetune/lr_head``, ``finetune/lr_encoder``, ``finetune/audio_seconds_per_second``,
-``finetune/encoder_frozen``, ``finetune/epoch``; at evaluations ``dev/wer``, ``dev/cer``,
-``dev/loss`` over all dev subsets and ``<subset>/wer``, ``<subset>/cer`` per subset.
+``finetune/lr_head``, ``finetune/lr_encoder``, ``finetune/audio_seconds_per_second`` (of the
+corpus audio, before augmentation), ``finetune/encoder_frozen``, ``finetune/epoch``; at
+evaluations ``dev/wer``, ``dev/cer``, ``dev/loss`` over all dev subsets, ``<subset>/wer``,
+``<subset>/cer`` per subset, and ``dev/best_wer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from torch import nn
 
 from models.config import config_to_dict
 from models.ctc import CTCModel, greedy_decode
-from orchestrator.data.augment import SpecAugment, SpeedPerturb
+from orchestrator.data.augment import SpecAugment, WaveAugment
 from orchestrator.data.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
 from orchestrator.train.checkpoint import latest_checkpoint, load_state
 from orchestrator.train.config import FinetuneConfig, RunConfig
@@ -47,26 +56,10 @@ from orchestrator.train.data import (
     shard_for_rank,
 )
 from orchestrator.train.decoding import Scores, score
-from orchestrator.train.loop import (
-    MetricWindow,
-    find_resume_checkpoint,
-    gather_rank_states,
-    load_training_state,
-    restore_rank_state,
-    save_training_checkpoint,
-    train_one_step,
-)
+from orchestrator.train.loop import Objective, run_stage
 from orchestrator.train.metrics import Counters
-from orchestrator.train.runtime import (
-    Report,
-    Runtime,
-    all_gather_objects,
-    deterministic,
-    log,
-    seed_everything,
-    unwrap,
-)
-from orchestrator.train.schedule import make_scheduler
+from orchestrator.train.runtime import Runtime, log, unwrap
+from orchestrator.train.schedule import NewBob, NewBobScheduler, make_scheduler
 
 STAGE = "finetune"
 TOKENIZER_DIR = "tokenizer"
@@ -77,11 +70,12 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class _Augmenters(nn.Module):
-    """Speed perturbation (waves) and SpecAugment (features), with their generators' state."""
+    """The wave chain (speed, DropFreq, DropChunk, clean concat) and SpecAugment (features),
+    with their generators' state."""
 
     def __init__(self, config: FinetuneConfig, sample_rate: int, rank: int) -> None:
         super().__init__()
-        self.speed = SpeedPerturb(config.augment, sample_rate=sample_rate, rank=rank)
+        self.wave = WaveAugment(config.augment, sample_rate=sample_rate, rank=rank)
         self.spec = SpecAugment(config.augment, rank=rank)
 
 
@@ -97,7 +91,9 @@ def make_compute_loss(augmenters: _Augmenters | None) -> Callable[[nn.Module, di
         token_lengths = batch["token_lengths"].to(runtime.device, non_blocking=True)  # (b,)
         spec = None
         if augmenters is not None and model.training:
-            waves, lengths = augmenters.speed(waves, lengths)
+            waves, lengths, copies = augmenters.wave(waves, lengths)  # (copies * b, s')
+            if copies > 1:  # the clean batch appended: the same targets again
+                tokens, token_lengths = tokens.repeat(copies, 1), token_lengths.repeat(copies)
             spec = augmenters.spec
         with runtime.autocast():
             out = model(waves, lengths, augment=spec)
@@ -247,7 +243,8 @@ def resolve_init(config: RunConfig) -> Path | None:
 
 
 def make_optimizer(model: CTCModel, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: ``head`` at ``head_lr`` and everything else (``encoder``) at ``encoder_lr``."""
+    """AdamW with two groups: ``head`` at ``head_lr`` and everything else (``encoder``) at
+    ``encoder_lr``, both with ``weight_decay``."""
     head = [p for p in model.head.parameters()]
     head_ids = {id(p) for p in head}
     encoder = [p for p in model.parameters() if id(p) not in head_ids]
@@ -269,175 +266,180 @@ def _set_encoder_trainable(model: CTCModel, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
-def stage_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / STAGE
-
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The objective
 
 
-def finetune(
-    config: RunConfig,
-    *,
-    report: Report | None = None,
-    stop_after: int | None = None,
-    resume_from: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run (or resume, or skip when complete) CTC fine-tuning with greedy dev evaluation.
+def steps_per_epochs(sampler, epochs: int, accum_steps: int) -> int:
+    """Optimiser steps for ``epochs`` passes: this rank's batches of epochs 0..epochs-1 (the same
+    count on every rank) in groups of ``accum_steps``, rounded up."""
+    batches = sum(len(sampler.batches(e)) for e in range(epochs))
+    return max(1, math.ceil(batches / accum_steps))
 
-    Args:
-        config: the run configuration.
-        report: ``report(metrics, checkpoint_dir)`` on every rank after the reduce.
-        stop_after: stop (with a checkpoint) after this step, as a preempted run would.
-        resume_from: a fine-tuning checkpoint folder to resume from instead of the newest.
+
+class FinetuneObjective(Objective):
+    """CTC on the training subsets with greedy dev validation: the part of :func:`run_stage`
+    that is fine-tuning's."""
+
+    stage = STAGE
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config, config.finetune)
+        self.fc = config.finetune  # the same as self.settings, typed
+        self.utterances: list = []
+        self.tokenizer = None
+        self.model_cfg = None
+        self.data: Loader | None = None
+        self.dev: dict[str, Any] = {}
+        self.augmenters: _Augmenters | None = None
+        self.init_info: dict[str, Any] | None = None
+        self.dev_metrics: dict[str, float] = {}
+        self.best_record: dict[str, Any] | None = None
+        self.frozen = False
+        self.eval_epoch: int | None = None
+
+    def known_steps(self) -> int | None:
+        return self.fc.steps  # None when the budget is in epochs
+
+    def prepare(self, resume: Path | None) -> Loader:
+        config, fc, runtime = self.config, self.fc, self.runtime
+        ensure_corpus(config.data)
+        self.utterances = load_utterances(config.data, config.data.train_subsets)
+        self.tokenizer = (
+            load_tokenizer(resume / TOKENIZER_DIR) if resume is not None
+            else build_tokenizer(config, self.utterances, self.root)
+        )
+        self.model_cfg = dataclasses.replace(
+            config.model, ctc=dataclasses.replace(config.model.ctc, vocab_size=self.tokenizer.vocab_size)
+        )
+        self.data = make_loader(
+            self.utterances, config.data, max_batch_seconds=fc.max_batch_seconds, seed=fc.seed, shuffle=True,
+            tokenizer=self.tokenizer, rank=runtime.rank, world_size=runtime.world_size,
+        )
+        return self.data
+
+    def total_steps(self, data: Loader) -> int:
+        if self.fc.epochs is None:
+            return self.fc.steps
+        steps = steps_per_epochs(data.sampler, self.fc.epochs, self.fc.accum_steps)
+        log.info("finetune.epochs=%d: %d optimiser steps", self.fc.epochs, steps)
+        return steps
+
+    def model_config(self) -> dict[str, Any]:
+        return config_to_dict(self.model_cfg)
+
+    def build(self, steps: int):
+        fc, runtime = self.fc, self.runtime
+        model = CTCModel(self.model_cfg).to(runtime.device)
+        self.augmenters = _Augmenters(fc, model.features.sample_rate, runtime.rank)
+        self.loss = make_compute_loss(self.augmenters)
+        optimizer = make_optimizer(model, fc)
+        newbob = NewBob(
+            factors={"head": fc.newbob_head_factor, "encoder": fc.newbob_encoder_factor},
+            threshold=fc.newbob_threshold, patience=fc.newbob_patience,
+        )
+        scheduler = make_scheduler(optimizer, fc.schedule, fc.warmup_steps, steps, newbob=newbob)
+        self.dev = eval_loaders(self.config, self.config.data.dev_subsets, self.tokenizer, runtime,
+                                self.config.eval.max_batch_seconds)
+        return model, optimizer, scheduler
+
+    def initialise(self) -> None:
+        self.init_info = load_initial_weights(self.model, self.config, self.utterances, self.runtime)
+
+    def restore(self, state: dict[str, Any], mine: dict[str, Any] | None) -> None:
+        meta = state.get("meta", {})
+        self.init_info = meta.get("init")
+        self.dev_metrics = meta.get("dev") or {}
+        self.best_record = meta.get("best")
+        if mine is not None:
+            self.augmenters.load_state_dict(mine["augment"])
+
+    def save_files(self, folder: Path) -> None:
+        self.tokenizer.save(folder / TOKENIZER_DIR)
+
+    def before_step(self, step: int) -> bool:
+        if self.eval_epoch is None:  # the first call: set the state this step count implies
+            self.eval_epoch = self.data.sampler.epoch
+            self.frozen = step < self.fc.freeze_encoder_steps
+            _set_encoder_trainable(self.model, not self.frozen)
+            return False
+        if self.frozen and step >= self.fc.freeze_encoder_steps:
+            # Unfreezing needs a new DDP wrapper (its construction broadcasts rank 0's, identical, weights).
+            self.frozen = False
+            _set_encoder_trainable(self.model, True)
+            log.info("step %d: encoder unfrozen", step)
+            return True
+        return False
+
+    def compute_loss(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, Counters]:
+        return self.loss(model, batch, runtime)
+
+    def summary(self, counters: Counters, elapsed: float, *, step: int, epoch: float) -> dict[str, Any]:
+        means = counters.means()
+        groups, lrs = self.optimizer.param_groups, self.scheduler.get_last_lr()
+        named = {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(groups, lrs))}
+        return {
+            "stage": STAGE,
+            "step": step,
+            f"{STAGE}/loss": means["loss"],
+            f"{STAGE}/grad_norm": means["grad_norm"],
+            f"{STAGE}/skipped_steps": means["skipped_steps"],
+            f"{STAGE}/audio_seconds_per_second": means["audio_seconds"] / max(elapsed, 1e-9),
+            f"{STAGE}/lr_head": named.get("head", math.nan),
+            f"{STAGE}/lr_encoder": named.get("encoder", math.nan),
+            f"{STAGE}/encoder_frozen": float(self.frozen),
+            f"{STAGE}/epoch": epoch,
+        }
+
+    def evaluate_now(self, step: int, steps: int) -> bool:
+        if self.fc.eval_every == "epoch":  # the step that finished an epoch
+            changed, self.eval_epoch = self.data.sampler.epoch != self.eval_epoch, self.data.sampler.epoch
+            return changed or step >= steps
+        return step % self.fc.eval_every == 0 or step >= steps
+
+    def validate(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Greedy dev scores; NewBob sees the dev loss; a new best dev WER asks for a checkpoint."""
+        self.dev_metrics = validate(self.model, self.dev, self.tokenizer, self.runtime)
+        metrics.update(self.dev_metrics)
+        if isinstance(self.scheduler, NewBobScheduler) and self.scheduler.observe(self.dev_metrics["dev/loss"]):
+            log.info("step %d: NewBob annealed the learning rates (dev loss %.4f)", step, self.dev_metrics["dev/loss"])
+        wer = self.dev_metrics["dev/wer"]
+        improved = math.isfinite(wer) and (self.best_record is None or wer < self.best_record["dev_wer"])
+        if improved:
+            self.best_record = {"step": step, "dev_wer": wer}
+        metrics["dev/best_wer"] = self.best_record["dev_wer"] if self.best_record else math.nan
+        return improved
+
+    def meta(self) -> dict[str, Any]:
+        return {"dev": self.dev_metrics, "init": self.init_info, "tokenizer": self.tokenizer.kind,
+                "best": self.best_record}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"augment": self.augmenters.state_dict()}
+
+    def best(self) -> dict[str, Any] | None:
+        return self.best_record
+
+    def result(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"init": meta.get("init"), "best": meta.get("best")}
+
+
+def finetune(config: RunConfig, **options: Any) -> dict[str, Any]:
+    """Run (or resume, or skip when complete) CTC fine-tuning with greedy dev evaluation:
+    :func:`run_stage` of a :class:`FinetuneObjective`; ``options`` are its ``report``,
+    ``stop_after`` and ``resume_from``.
 
     Returns:
-        ``{"step", "complete", "checkpoint", "metrics", "init"}``; ``metrics`` are the last
-        reported ones (with the last ``dev/wer``), ``init`` the pre-trained checkpoint and its
-        loaded/skipped/missing key counts (``None`` for random init).
+        ``{"step", "complete", "checkpoint", "metrics", "init", "best"}``; ``metrics`` are the
+        last reported ones (with the last ``dev/wer``), ``init`` the pre-trained checkpoint and
+        its loaded/skipped/missing key counts (``None`` for random init), ``best`` the step and
+        dev WER of the best checkpoint (the one ``checkpoints/best.json`` names).
     """
-    fc = config.finetune
-    runtime = Runtime.create(config.device, fc.precision)
-    root = stage_dir(config)
-    checkpoints = root / "checkpoints"
-    report = report or (lambda metrics, checkpoint_dir: None)
-
-    with deterministic(fc.deterministic):
-        resume = find_resume_checkpoint(checkpoints, Path(resume_from) if resume_from else None)
-        state = load_training_state(resume, runtime, STAGE) if resume is not None else None
-        if state is not None and state["step"] >= fc.steps:
-            log.info("fine-tuning already complete at step %d (%s)", state["step"], resume)
-            meta = state.get("meta", {})
-            return {"step": state["step"], "complete": True, "checkpoint": resume,
-                    "metrics": meta.get("metrics", {}), "init": meta.get("init")}
-
-        ensure_corpus(config.data)
-        utterances = load_utterances(config.data, config.data.train_subsets)
-        tokenizer = load_tokenizer(resume / TOKENIZER_DIR) if resume is not None else build_tokenizer(config, utterances, root)
-        model_config = dataclasses.replace(
-            config.model, ctc=dataclasses.replace(config.model.ctc, vocab_size=tokenizer.vocab_size)
-        )
-        seed_everything(fc.seed)
-        model = CTCModel(model_config).to(runtime.device)
-        augmenters = _Augmenters(fc, model.features.sample_rate, runtime.rank)
-        optimizer = make_optimizer(model, fc)
-        scheduler = make_scheduler(optimizer, fc.schedule, fc.warmup_steps, fc.steps)
-        scaler = runtime.grad_scaler()
-        data = make_loader(
-            utterances, config.data, max_batch_seconds=fc.max_batch_seconds, seed=fc.seed, shuffle=True,
-            tokenizer=tokenizer, rank=runtime.rank, world_size=runtime.world_size,
-        )
-        dev = eval_loaders(config, config.data.dev_subsets, tokenizer, runtime, config.eval.max_batch_seconds)
-        step = 0
-        init_info: dict[str, Any] | None = None
-        if state is not None:
-            if state.get("model_config") != config_to_dict(model_config):
-                raise ValueError(
-                    f"{resume} was trained with another model configuration than this run's; resume with the "
-                    "same model: section, or choose another output_dir"
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler") is not None:
-                scaler.load_state_dict(state["scaler"])
-            data.sampler.load_state_dict(state["sampler"])
-            step = int(state["step"])
-            init_info = state.get("meta", {}).get("init")
-            mine = restore_rank_state(state["ranks"], runtime)
-            if mine is not None:
-                augmenters.load_state_dict(mine["augment"])
-            else:
-                seed_everything(fc.seed + 1000 * runtime.rank + step)
-            log.info("resumed fine-tuning from %s at step %d", resume, step)
-        else:
-            init_info = _initialise(model, config, utterances, runtime)
-            seed_everything(fc.seed + runtime.rank)
-            if runtime.is_main:
-                root.mkdir(parents=True, exist_ok=True)
-                tokenizer.save(root / TOKENIZER_DIR)
-                (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        del state
-
-        frozen = step < fc.freeze_encoder_steps
-        _set_encoder_trainable(model, not frozen)
-        ddp_model = runtime.wrap(model)
-        compute_loss = make_compute_loss(augmenters)
-        window = MetricWindow()
-        batches = data.batches()
-        metrics: dict[str, Any] = {}
-        dev_metrics: dict[str, float] = {}
-        checkpoint: Path | None = resume
-        last = fc.steps if stop_after is None else min(fc.steps, stop_after)
-        while step < last:
-            if frozen and step >= fc.freeze_encoder_steps:
-                # DDP registers gradient hooks for the parameters that require grad when it is built:
-                # unfreezing needs a new wrapper (its construction broadcasts rank 0's, identical, weights).
-                frozen = False
-                _set_encoder_trainable(model, True)
-                ddp_model = runtime.wrap(model)
-                log.info("step %d: encoder unfrozen", step)
-            micro = [next(batches) for _ in range(fc.accum_steps)]
-            counters = train_one_step(
-                ddp_model, micro, optimizer, scheduler, scaler, runtime, compute_loss, clip_norm=fc.clip_norm
-            )
-            step += 1
-            window.add(counters)
-            done = step >= last
-            save = step % fc.checkpoint_every == 0 or done
-            evaluate_now = step % fc.eval_every == 0 or step >= fc.steps
-            if step % fc.log_every == 0 or save or evaluate_now:
-                reduced, elapsed = window.close()
-                means = reduced.means()
-                lrs = {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
-                metrics = {
-                    "stage": STAGE,
-                    "step": step,
-                    f"{STAGE}/loss": means["loss"],
-                    f"{STAGE}/grad_norm": means["grad_norm"],
-                    f"{STAGE}/skipped_steps": means["skipped_steps"],
-                    f"{STAGE}/audio_seconds_per_second": means["audio_seconds"] / max(elapsed, 1e-9),
-                    f"{STAGE}/lr_head": lrs.get("head", math.nan),
-                    f"{STAGE}/lr_encoder": lrs.get("encoder", math.nan),
-                    f"{STAGE}/encoder_frozen": float(frozen),
-                    f"{STAGE}/epoch": data.sampler.epoch + data.sampler.batches_done / max(1, len(data.sampler)),
-                }
-                if evaluate_now:
-                    start = time.perf_counter()
-                    dev_metrics = validate(model, dev, tokenizer, runtime)
-                    metrics.update(dev_metrics)
-                    metrics["dev/seconds"] = time.perf_counter() - start
-            checkpoint_dir = None
-            if save:
-                rank_states = gather_rank_states({"augment": augmenters.state_dict()})
-                meta = {"stage": STAGE, "steps": fc.steps, "complete": step >= fc.steps, "metrics": metrics,
-                        "dev": dev_metrics, "init": init_info, "tokenizer": tokenizer.kind}
-                checkpoint_dir = save_training_checkpoint(
-                    checkpoints, step,
-                    {
-                        "stage": STAGE,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "sampler": data.sampler.state_dict(),
-                        "config": config.to_dict(),
-                        "model_config": config_to_dict(model_config),
-                        "meta": meta,
-                    },
-                    rank_states, runtime, keep=fc.keep_checkpoints, meta=meta,
-                    write_files=lambda folder: tokenizer.save(folder / TOKENIZER_DIR),
-                )
-                checkpoint = checkpoint_dir
-            if step % fc.log_every == 0 or save or evaluate_now:
-                report(metrics, checkpoint_dir)
-                window.reset_clock()
-        return {"step": step, "complete": step >= fc.steps, "checkpoint": checkpoint, "metrics": metrics,
-                "init": init_info}
+    return run_stage(FinetuneObjective(config), **options)
 
 
-def _initialise(model: CTCModel, config: RunConfig, utterances, runtime: Runtime) -> dict[str, Any] | None:
+def load_initial_weights(model: CTCModel, config: RunConfig, utterances, runtime: Runtime) -> dict[str, Any] | None:
     """Load the pre-trained backbone (normaliser included), or estimate the normaliser for random init."""
     source = resolve_init(config)
     if source is None:

@@ -5,9 +5,10 @@ Dimensions: b batch, s samples, q codebooks, v codebook size.
     pretrain(config, report=...)                        # one process, or every rank under DDP
       -> corpus (generated on first use) -> manifests -> DynamicBatchSampler (rank, world_size)
       -> normaliser statistics on a training sample (before step 0; saved in the model)
-      -> steps of train_one_step(compute_loss) with AdamW + Noam + clipping + accumulation
-      -> every log_every steps: Counters reduced over ranks -> report(metrics, None)
-      -> every checkpoint_every steps and at the end: checkpoint -> report(metrics, folder)
+      -> run_stage (orchestrator.train.loop): steps of train_one_step(compute_loss) with AdamW +
+         Noam + clipping + accumulation; every log_every steps: Counters reduced over ranks ->
+         report(metrics, None); every checkpoint_every steps and at the end: checkpoint ->
+         report(metrics, folder)
 
 Output folder ``<output_dir>/pretrain/``: ``config.yaml`` and ``checkpoints/step-NNNNNNNN/``
 (``state.pt``: model, optimizer, scheduler, GradScaler, sampler position, per-rank RNG states,
@@ -23,30 +24,20 @@ when targets spread, towards 1 on collapse), ``pretrain/audio_seconds_per_second
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from models.best_rq import BestRQModel
 from models.config import config_to_dict
 from orchestrator.train.config import PretrainConfig, RunConfig
-from orchestrator.train.data import ensure_corpus, estimate_normalizer, load_utterances, make_loader
-from orchestrator.train.loop import (
-    MetricWindow,
-    find_resume_checkpoint,
-    gather_rank_states,
-    load_training_state,
-    restore_rank_state,
-    save_training_checkpoint,
-    train_one_step,
-)
+from orchestrator.train.data import Loader, ensure_corpus, estimate_normalizer, load_utterances, make_loader
+from orchestrator.train.loop import Objective, check_same_model, run_stage
 from orchestrator.train.metrics import Counters, perplexity
-from orchestrator.train.runtime import Report, Runtime, deterministic, log, seed_everything, unwrap
+from orchestrator.train.runtime import Runtime, log, unwrap
 from orchestrator.train.schedule import make_scheduler
 
 STAGE = "pretrain"
@@ -75,7 +66,8 @@ def compute_loss(model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch
     return out.loss, counters
 
 
-def _summary(counters: Counters, elapsed: float, *, step: int, lr: float, epoch: float, num_codebooks: int) -> dict[str, Any]:
+def summarise(counters: Counters, elapsed: float, *, step: int, lr: float, epoch: float, num_codebooks: int) -> dict[str, Any]:
+    """The reported metrics of one window (names in the module docstring)."""
     means = counters.means()
     usage = counters.vectors["code_usage"].view(num_codebooks, -1)  # (q, v)
     code_ppl = sum(perplexity(row) for row in usage) / num_codebooks
@@ -101,140 +93,59 @@ def make_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.Adam
     )
 
 
-def stage_dir(config: RunConfig) -> Path:
-    return Path(config.output_dir) / STAGE
+class PretrainObjective(Objective):
+    """BEST-RQ on the pre-training subsets: the part of :func:`run_stage` that is pre-training's."""
 
+    stage = STAGE
 
-def pretrain(
-    config: RunConfig,
-    *,
-    report: Report | None = None,
-    stop_after: int | None = None,
-    resume_from: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run (or resume, or skip when complete) BEST-RQ pre-training.
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config, config.pretrain)
+        self.utterances: list = []
 
-    Works as a single process and, unchanged, on every rank of an initialised process group.
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        check_same_model(state, self.model_config(), path)
 
-    Args:
-        config: the run configuration (``model``, ``data``, ``pretrain``, ``output_dir``, ``device``).
-        report: ``report(metrics, checkpoint_dir)``, called on every rank after the reduce, at each
-            log interval and with the checkpoint folder at each checkpoint.
-        stop_after: stop (with a checkpoint) after this step, as a preempted run would; the
-            schedule still follows ``config.pretrain.steps``.
-        resume_from: a checkpoint folder to resume from instead of the newest in the stage folder.
+    def model_config(self) -> dict[str, Any]:
+        return config_to_dict(self.config.model)
 
-    Returns:
-        ``{"step", "complete", "checkpoint", "metrics"}``: the last step, whether the budget is
-        reached, the last checkpoint folder and the last reported metrics.
-    """
-    pc = config.pretrain
-    runtime = Runtime.create(config.device, pc.precision)
-    root = stage_dir(config)
-    checkpoints = root / "checkpoints"
-    report = report or (lambda metrics, checkpoint_dir: None)
-
-    with deterministic(pc.deterministic):
-        resume = find_resume_checkpoint(checkpoints, Path(resume_from) if resume_from else None)
-        state = load_training_state(resume, runtime, STAGE) if resume is not None else None
-        if state is not None:
-            _check_same_model(state, config, resume)
-            if state["step"] >= pc.steps:
-                log.info("pre-training already complete at step %d (%s)", state["step"], resume)
-                meta = state.get("meta", {})
-                return {"step": state["step"], "complete": True, "checkpoint": resume, "metrics": meta}
-
-        ensure_corpus(config.data)
-        utterances = load_utterances(config.data, config.data.pretrain_subset_list)
-        seed_everything(pc.seed)
-        model = BestRQModel(config.model).to(runtime.device)
-        optimizer = make_optimizer(model, pc)
-        scheduler = make_scheduler(optimizer, pc.schedule, pc.warmup_steps, pc.steps)
-        scaler = runtime.grad_scaler()
-        data = make_loader(
-            utterances, config.data, max_batch_seconds=pc.max_batch_seconds, seed=pc.seed, shuffle=True,
+    def prepare(self, resume: Path | None) -> Loader:
+        ensure_corpus(self.config.data)
+        self.utterances = load_utterances(self.config.data, self.config.data.pretrain_subset_list)
+        pc, runtime = self.config.pretrain, self.runtime
+        return make_loader(
+            self.utterances, self.config.data, max_batch_seconds=pc.max_batch_seconds, seed=pc.seed, shuffle=True,
             rank=runtime.rank, world_size=runtime.world_size,
         )
-        step = 0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler") is not None:
-                scaler.load_state_dict(state["scaler"])
-            data.sampler.load_state_dict(state["sampler"])
-            step = int(state["step"])
-            if restore_rank_state(state["ranks"], runtime) is None:
-                seed_everything(pc.seed + 1000 * runtime.rank + step)
-            log.info("resumed pre-training from %s at step %d", resume, step)
-        else:
-            start = time.perf_counter()
-            frames = estimate_normalizer(
-                model, utterances, config.data, seed=pc.seed, rank=runtime.rank,
-                world_size=runtime.world_size, device=runtime.device,
-            )
-            log.info("normaliser statistics from %d frames (%.1f s)", frames, time.perf_counter() - start)
-            seed_everything(pc.seed + runtime.rank)  # ranks draw different masks, noise and dropout
-            if runtime.is_main:
-                root.mkdir(parents=True, exist_ok=True)
-                (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        del state
 
-        ddp_model = runtime.wrap(model)
-        num_codebooks = len(model.heads)
-        window = MetricWindow()
-        batches = data.batches()
-        metrics: dict[str, Any] = {}
-        checkpoint: Path | None = resume
-        last = pc.steps if stop_after is None else min(pc.steps, stop_after)
-        while step < last:
-            micro = [next(batches) for _ in range(pc.accum_steps)]
-            counters = train_one_step(
-                ddp_model, micro, optimizer, scheduler, scaler, runtime, compute_loss, clip_norm=pc.clip_norm
-            )
-            step += 1
-            window.add(counters)
-            done = step >= last
-            save = step % pc.checkpoint_every == 0 or done
-            if step % pc.log_every == 0 or save:
-                reduced, elapsed = window.close()
-                epoch = data.sampler.epoch + data.sampler.batches_done / max(1, len(data.sampler))
-                metrics = _summary(
-                    reduced, elapsed, step=step, lr=scheduler.get_last_lr()[0], epoch=epoch,
-                    num_codebooks=num_codebooks,
-                )
-                if not math.isfinite(metrics[f"{STAGE}/loss"]):
-                    log.warning("pre-training loss is %s at step %d", metrics[f"{STAGE}/loss"], step)
-            checkpoint_dir = None
-            if save:
-                rank_states = gather_rank_states()
-                meta = {"stage": STAGE, "steps": pc.steps, "complete": step >= pc.steps, "metrics": metrics}
-                checkpoint_dir = save_training_checkpoint(
-                    checkpoints, step,
-                    {
-                        "stage": STAGE,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "sampler": data.sampler.state_dict(),
-                        "config": config.to_dict(),
-                        "model_config": config_to_dict(config.model),
-                        "meta": meta,
-                    },
-                    rank_states, runtime, keep=pc.keep_checkpoints, meta=meta,
-                )
-                checkpoint = checkpoint_dir
-            if step % pc.log_every == 0 or save:
-                report(metrics, checkpoint_dir)
-                window.reset_clock()
-        return {"step": step, "complete": step >= pc.steps, "checkpoint": checkpoint, "metrics": metrics}
+    def build(self, steps: int):
+        pc = self.config.pretrain
+        model = BestRQModel(self.config.model).to(self.runtime.device)
+        optimizer = make_optimizer(model, pc)
+        return model, optimizer, make_scheduler(optimizer, pc.schedule, pc.warmup_steps, steps)
 
-
-def _check_same_model(state: dict, config: RunConfig, path: Path) -> None:
-    saved = state.get("model_config")
-    if saved is not None and saved != config_to_dict(config.model):
-        raise ValueError(
-            f"{path} was trained with another model configuration than this run's; resume with the "
-            "same model: section, or choose another output_dir"
+    def initialise(self) -> None:
+        start = time.perf_counter()
+        frames = estimate_normalizer(
+            self.model, self.utterances, self.config.data, seed=self.config.pretrain.seed, rank=self.runtime.rank,
+            world_size=self.runtime.world_size, device=self.runtime.device,
         )
+        log.info("normaliser statistics from %d frames (%.1f s)", frames, time.perf_counter() - start)
+
+    def compute_loss(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, Counters]:
+        return compute_loss(model, batch, runtime)
+
+    def summary(self, counters: Counters, elapsed: float, *, step: int, epoch: float) -> dict[str, Any]:
+        return summarise(
+            counters, elapsed, step=step, lr=self.scheduler.get_last_lr()[0], epoch=epoch,
+            num_codebooks=len(self.model.heads),
+        )
+
+
+def pretrain(config: RunConfig, **options: Any) -> dict[str, Any]:
+    """Run (or resume, or skip when complete) BEST-RQ pre-training: :func:`run_stage` of a
+    :class:`PretrainObjective`; ``options`` are its ``report``, ``stop_after`` and ``resume_from``.
+
+    Returns:
+        ``{"step", "complete", "checkpoint", "metrics"}``.
+    """
+    return run_stage(PretrainObjective(config), **options)

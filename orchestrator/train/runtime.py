@@ -52,15 +52,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available (``cuda:LOCAL_RANK`` under DDP), else CPU."""
     if name == "auto":
