@@ -353,7 +353,7 @@ def check_resources(spec, nodes: list[dict[str, float]], where: str) -> None:
     Raises:
         PreflightError: one line naming the spec file and the ``resources`` key that is too large.
     """
-    from orchestrator.trial_driver import DRIVER_CPUS
+    from orchestrator.trial_driver import driver_resources
 
     res = spec.resources
     need = {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
@@ -363,13 +363,17 @@ def check_resources(spec, nodes: list[dict[str, float]], where: str) -> None:
         if amount > most:
             raise PreflightError(f"{spec.source}: {keys[kind]}={amount:g}: no node of {where} has {amount:g} "
                                  f"{kind}s (the most on one node: {most:g}); lower it or add nodes that have them")
+    driver = {k: v for k, v in driver_resources(getattr(res, "driver", None)).items() if k != "memory" and v > 0}
+    for kind, amount in driver.items():
+        if not any(node.get(kind, 0.0) >= amount for node in nodes):
+            raise PreflightError(f"{spec.source}: resources.driver.{kind}={amount:g}: no node of {where} has it; "
+                                 f"start nodes with that custom resource or drop it")
     slots = sum(int(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) for node in nodes)
     total_cpus = sum(node.get("CPU", 0.0) for node in nodes)
-    if slots < res.workers or res.workers * res.cpus_per_worker + DRIVER_CPUS > total_cpus + 1e-9:
+    if slots < res.workers or res.workers * res.cpus_per_worker + driver.get("CPU", 0.0) > total_cpus + 1e-9:
         raise PreflightError(f"{spec.source}: resources.workers={res.workers}: {where} fits {slots} worker(s) of "
-                             f"{res.cpus_per_worker:g} CPU(s) and {res.gpus_per_worker:g} GPU(s) (plus "
-                             f"{DRIVER_CPUS} CPU for the trial driver); lower resources.workers or the per-worker "
-                             f"resources")
+                             f"{res.cpus_per_worker:g} CPU(s) and {res.gpus_per_worker:g} GPU(s) next to a trial "
+                             f"driver; lower resources.workers or the per-worker resources")
 
 
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")

@@ -175,6 +175,10 @@ def test_resources_against_cluster_nodes(tmp_path):
     with pytest.raises(PreflightError, match=r"resources\.cpus_per_worker=2: no node of the Ray cluster has 2 CPUs"):
         check_resources(spec, [{"CPU": 1.0}] * 8, "the Ray cluster")
     assert issubclass(PreflightError, UserError)
+    pinned = load_spec(write(tmp_path, spec_dict(tmp_path, resources={"driver": {"on_demand": 0.01}}), "pinned.yaml"))
+    with pytest.raises(PreflightError, match=r"resources\.driver\.on_demand=0\.01: no node of this machine has it"):
+        check_resources(pinned, [{"CPU": 2.0}], "this machine")
+    check_resources(pinned, [{"CPU": 2.0}, {"CPU": 1.0, "on_demand": 1.0}], "the Ray cluster")
 
 
 # ------------------------------------------------------------------------------ trap 1
