@@ -32,16 +32,7 @@ from typing import Any, Literal
 from models.typed_config import coerce, fail, section_from_dict, set_path
 from orchestrator.errors import SpecError
 from orchestrator.metrics import OBJECTIVE_METRICS, PROFILE_METRICS
-from orchestrator.search import (  # noqa: F401 - re-exported: the search space of a spec
-    RUN_SECTIONS,
-    Param,
-    count_trials,
-    define_by_run,
-    grid,
-    make_sampler,
-    parse_search,
-    sample_preview,
-)
+from orchestrator.search import RUN_SECTIONS, Param, parse_search
 from orchestrator.yamlio import parse_set, read_yaml_mapping
 
 SWEEP_SECTIONS = ("sweep", "search", "resources", "profile", "tracking", "storage")

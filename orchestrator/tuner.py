@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SweepError
-from orchestrator.spec import Spec, build_run_config, count_trials, grid, sample_preview
+from orchestrator.search import count_trials, define_by_run, grid, make_sampler, sample_preview
+from orchestrator.spec import Spec, build_run_config
 from orchestrator.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,6 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.report import mark_stopped_trials, write_report
-    from orchestrator.spec import define_by_run, make_sampler
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
     from orchestrator.trial_driver import (
         TrialContext, driver_resources, mark_stopped, remove_registry, trial_driver, trials_at_once,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, define_by_run, grid, load_spec, sample_preview
+from orchestrator.search import define_by_run, grid, sample_preview
+from orchestrator.spec import SpecError, load_spec
 
 VALID = {
     "sweep": {"name": "t", "objective": {"metric": "dev_wer", "mode": "min"}, "num_trials": 3, "sampler": "tpe"},
