@@ -114,7 +114,15 @@ def _paper_run() -> dict[str, Any]:
                 "num_freq_masks": 0, "num_time_masks": 0,
             },
         },
-        "eval": {"decoder": "beam", "beam_size": 50, "bootstrap_samples": 1000},
+        # Test as released: CTC beam search, beam 200, beam_prune_logp -10, token_prune_min_logp
+        # -5; "+LM" with the LibriSpeech 4-gram ARPA (user-supplied: eval.lm_path), alpha 0.8 on
+        # natural-log LM scores, beta 1.2. flashlight decodes a word LM over a lexicon, spelled
+        # here from the LM's words; the decoding without LM stays lexicon-free, as the paper's.
+        "eval": {
+            "decoder": "beam", "beam_size": 200, "beam_threshold": 10.0, "token_prune_min_logp": -5.0,
+            "lm_weight": 0.8, "lm_score_base": "ln", "word_score": 1.2, "lexicon_from_lm": True,
+            "lexicon_without_lm": False, "bootstrap_samples": 1000,
+        },
         "output_dir": "runs/paper",
     }
 
