@@ -22,6 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from orchestrator.fileio import atomic_write_bytes, atomic_write_json, json_bytes
+
+__all__ = [  # atomic_write_* re-exported for older importers: they live in orchestrator.fileio
+    "BEST_POINTER", "atomic_write_bytes", "atomic_write_json", "best_checkpoint", "checkpoint_to_test",
+    "latest_checkpoint", "list_checkpoints", "load_state", "rng_state", "save_checkpoint", "set_rng_state",
+]
+
 _PREFIX = "step-"
 BEST_POINTER = "best.json"
 
@@ -45,26 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def save_checkpoint(
@@ -106,9 +93,7 @@ def save_checkpoint(
             os.fsync(handle.fileno())  # the rename below must not publish a file still in the page cache
         if write_files is not None:
             write_files(tmp)
-        (tmp / "meta.json").write_text(
-            json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True, default=str)
-        )
+        (tmp / "meta.json").write_bytes(json_bytes({"step": step, **(meta or {})}))  # published by the rename
         if final.exists():  # a rerun of the same step: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)

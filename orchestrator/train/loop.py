@@ -12,7 +12,6 @@ its own ``report``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 import torch
 from torch import nn
 
+from orchestrator.fileio import atomic_write_json, atomic_write_text
 from orchestrator.train.checkpoint import (
-    atomic_write_bytes,
     latest_checkpoint,
     load_state,
     rng_state,
@@ -200,8 +199,7 @@ def load_training_state(path: Path, runtime: Runtime, stage: str) -> dict[str, A
     return state
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+write_json = atomic_write_json  # the name older importers use
 
 
 def check_same_model(state: dict[str, Any], model_config: dict[str, Any], path: Path) -> None:
@@ -445,7 +443,7 @@ def run_stage(
 def write_yaml_config(path: Path, config: "RunConfig") -> None:
     import yaml
 
-    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------
