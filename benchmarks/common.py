@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.fileio import atomic_write_text
 from orchestrator.profile import (  # noqa: F401 - re-exported: the benchmarks' memory vocabulary
     FRAME_SECONDS,
     measure_peak_memory,
@@ -305,9 +306,7 @@ def emit(payload: dict[str, Any], out: str | None = None) -> None:
     text = json.dumps(payload, indent=2)
     print(text)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        atomic_write_text(out, text + "\n")
 
 
 def log(message: str) -> None:

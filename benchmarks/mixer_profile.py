@@ -76,6 +76,7 @@ from benchmarks.common import (
     tensor_bytes,
     time_interleaved,
 )
+from orchestrator.fileio import atomic_output
 
 SCRIPT = Path(__file__).resolve()
 PASSES = ("fwd", "fwdbwd")
@@ -390,7 +391,8 @@ def plot(results: list[dict[str, Any]], key: str, path: Path, env: dict[str, Any
     fig.suptitle(f"{what}, batch {args.batch}, {args.dtype}\n{env['device']} ({env.get('gpu', env['cpu'])}, "
                  f"{threads} thread(s) per measurement)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
