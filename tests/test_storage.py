@@ -291,3 +291,20 @@ def test_purged_store_pretrains_from_step_zero(bucket, tmp_path, small_corpus):
     result, steps = run(second)
     assert steps[0] == 1 and result["step"] == 4, "pre-training started again from step 0"
     assert second.checkpoint_steps(checkpoints) == [2, 4], "and its checkpoints are in the new store"
+
+
+def test_nodes_starting_at_once_agree_on_the_store_identity(bucket, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [S3Storage(f"s3://{bucket}/race", work_dir=tmp_path / f"node-{i}") for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        identities = set(pool.map(lambda s: s.identity(), stores))
+    assert len(identities) == 1  # a conditional PUT: the first writer's id, read back by everyone
+
+
+def test_unreadable_identity_record_is_one_clear_error(bucket, tmp_path):
+    from orchestrator.data.s3 import get_client
+
+    get_client().put_object(Bucket=bucket, Key=f"bad/{STORAGE_ID}", Body=b"\x00 not json")
+    with pytest.raises(StorageError, match=f"{STORAGE_ID} is not a storage identity record: delete it"):
+        S3Storage(f"s3://{bucket}/bad", work_dir=tmp_path / "w").local("x")
