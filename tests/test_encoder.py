@@ -124,8 +124,9 @@ def test_conv_subsampling_lengths_are_ceil_half_twice(t: int) -> None:
     assert sub.proj.in_features == 4 * 4  # channels[-1] * ceil(ceil(16 / 2) / 2)
 
 
-def test_conv_subsampling_padding_invariance() -> None:
-    sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1).eval()
+@pytest.mark.parametrize("norm", ["channels", "channels_freq"])
+def test_conv_subsampling_padding_invariance(norm: str) -> None:
+    sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1, norm=norm).eval()
     x, lengths = _padded_batch([13, 9, 6, 1], 16)
     y, out = sub(x, lengths)
     for i, n in enumerate(lengths.tolist()):
@@ -134,7 +135,8 @@ def test_conv_subsampling_padding_invariance() -> None:
         assert torch.all(y[i, oi[0] :] == 0)
 
 
-def test_conv_subsampling_inference_path_equals_autograd_path(monkeypatch) -> None:
+@pytest.mark.parametrize("norm", ["channels", "channels_freq"])
+def test_conv_subsampling_inference_path_equals_autograd_path(monkeypatch, norm: str) -> None:
     """Without autograd the blocks run channels-last, LayerNorm in chunks in place: same output."""
     from models.frontend import _ConvBlock
 
@@ -142,7 +144,10 @@ def test_conv_subsampling_inference_path_equals_autograd_path(monkeypatch) -> No
     calls = []
     original = _ConvBlock._forward_inference
     monkeypatch.setattr(_ConvBlock, "_forward_inference", lambda self, x: calls.append(1) or original(self, x))
-    sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1).eval()
+    sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1, norm=norm).eval()
+    for block in sub.blocks:  # gains and shifts that differ per (freq, channel)
+        torch.nn.init.normal_(block.norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(block.norm.bias, 0.0, 0.3)
     x, lengths = _padded_batch([13, 9, 6, 1], 16)
     trained, out = sub(x, lengths)  # autograd path (parameters require grad)
     assert trained.requires_grad and not calls
