@@ -73,6 +73,11 @@ def _demo_run() -> dict[str, Any]:
 def _paper_run() -> dict[str, Any]:
     """The paper's base setting (GPU cluster, LibriSpeech; give ``data.root``).
 
+    The encoder is the model preset ``base``, the released one (``models.config``): SpeechBrain
+    fbank and front-end LayerNorm, dropout after the front-end's Linear, xavier-normal init, no
+    dropout on the mixer output, SpeechBrain's RelPosMHAXL on every ``mha_relpos`` layer and the
+    PoM mean over all frames (each one ``--set`` away, e.g. ``model.plan_options.pad_mean=masked``).
+
     BEST-RQ on LibriSpeech 960 h for 200k steps (AdamW 1e-3, betas (0.9, 0.98), eps 1e-9, weight
     decay 0.1, Noam warm-up 25k, clip 10, fp16 autocast with a GradScaler: the paper's; ``bf16``
     is one ``--set`` away), about 5600 s of audio per step (here: ``max_batch_seconds`` per worker
