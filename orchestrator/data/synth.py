@@ -362,6 +362,9 @@ def _synth_shard(args: tuple[str, Shard, str]) -> tuple[str, int, dict, float]:
                            ) from None
 
 
+_DONE_COUNTER = None  # a shared count of synthesised utterances, set in each worker by _worker_init
+
+
 def _synth_shard_unchecked(out: Path, shard: Shard, fingerprint: str):
     import soundfile as sf
     import torch
@@ -387,6 +390,9 @@ def _synth_shard_unchecked(out: Path, shard: Shard, fingerprint: str):
                      compression_level=0.0)
             os.replace(tmp, path)
             samples[utt.id] = int(audio.size)
+            if _DONE_COUNTER is not None:  # progress per utterance, not per (long) shard
+                with _DONE_COUNTER.get_lock():
+                    _DONE_COUNTER.value += 1
         lines = "".join(f"{u.id} {u.transcript}\n" for u in chapter.utterances)
         _write_atomic(shard.transcript_path(out, chapter), lines.encode())
     marker = {"fingerprint": fingerprint, "samples": samples}
@@ -396,14 +402,17 @@ def _synth_shard_unchecked(out: Path, shard: Shard, fingerprint: str):
     return shard.subset, shard.speaker_id, samples, time.process_time()
 
 
-def _worker_init() -> None:
-    """Pool initializer: leave interrupts to the parent, and die with the process server.
+def _worker_init(counter=None) -> None:
+    """Pool initializer: count utterances in ``counter``, leave interrupts to the parent, and
+    die with the process server.
 
     On Ctrl-C the parent terminates the pool (a half-written shard has no marker and is
     redone on the next run); workers that also raised KeyboardInterrupt would only print
     tracebacks. If the parent is killed outright, the forkserver exits and Linux sends each
     worker SIGTERM (PR_SET_PDEATHSIG) instead of letting it finish a shard nobody waits for.
     """
+    global _DONE_COUNTER
+    _DONE_COUNTER = counter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
@@ -662,20 +671,50 @@ def _run_shards(out: Path, pending: list[Shard], fingerprint: str, workers: int,
         ctx.set_forkserver_preload(["__main__", "orchestrator.data._synth_forkserver",
                                     "orchestrator.data.espeak", "orchestrator.data.grammar"])
     total = sum(len(s.utterances) for s in pending)
-    generated, cpu_seconds, last_report, start = 0, 0.0, 0.0, time.perf_counter()
+    generated, cpu_seconds = 0, 0.0
     tasks = [(str(out), shard, fingerprint) for shard in pending]
-    with ctx.Pool(processes=min(workers, len(pending)), initializer=_worker_init,
+    counter = ctx.Value("q", 0)
+    meter = _Progress(total, enabled=progress)
+    with ctx.Pool(processes=min(workers, len(pending)), initializer=_worker_init, initargs=(counter,),
                   maxtasksperchild=1) as pool:
-        for subset, speaker_id, samples, cpu in pool.imap_unordered(_synth_shard, tasks):
+        results = pool.imap_unordered(_synth_shard, tasks)
+        for _ in range(len(tasks)):
+            while True:  # wake up now and then to report progress inside long shards
+                try:
+                    subset, speaker_id, samples, cpu = results.next(timeout=meter.every_s)
+                    break
+                except multiprocessing.TimeoutError:
+                    meter.update(counter.value)
             done[f"{subset}/{speaker_id}"] = samples
             cpu_seconds += cpu
             generated += len(samples)
-            now = time.perf_counter()
-            if progress and (now - last_report > 5 or generated == total):
-                last_report = now
-                print(f"synth: {generated}/{total} utterances, "
-                      f"{generated / (now - start):.0f} utt/s", file=sys.stderr, flush=True)
+            meter.update(max(generated, counter.value))
+    meter.update(generated, final=True)
     return generated, cpu_seconds
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+class _Progress:
+    """Progress lines on stderr: ``count/total (percent), rate, ETA`` every ``every_s`` seconds."""
+
+    def __init__(self, total: int, *, enabled: bool, every_s: float | None = None) -> None:
+        every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.start = self.last = time.perf_counter()
+
+    def update(self, count: int, *, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or not (final or now - self.last >= self.every_s):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = count / elapsed
+        eta = f", ETA {(self.total - count) / rate:.0f} s" if rate > 0 and count < self.total else ""
+        print(f"synth: {count}/{self.total} utterances ({100 * count / max(self.total, 1):.0f}%), "
+              f"{rate:.1f} utt/s{eta}" + (f", done in {elapsed:.0f} s" if final else ""),
+              file=sys.stderr, flush=True)
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -712,6 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the voices and variants, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
+    from orchestrator.errors import configure_logging
+
+    configure_logging(quiet=args.quiet)
     # `kill` takes the same path as Ctrl-C: workers stopped, a one-line message, resumable.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -58,7 +58,7 @@ def ensure_corpus(config: DataConfig) -> None:
         if meta.exists() and '"complete": true' in meta.read_text() and not config.synth_sizes:
             return  # complete, and no sizes asked for that could differ
         log.info("generating the speech corpus at %s (first use)", root)
-        summary = generate_corpus(root, seed=config.synth_seed, sizes=dict(config.synth_sizes) or None)
+        summary = generate_corpus(root, seed=config.synth_seed, sizes=dict(config.synth_sizes) or None, progress=True)
         log.info("corpus ready: %s utterances, %.2f h", summary["counts"], summary["audio_hours"])
 
 
