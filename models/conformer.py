@@ -219,7 +219,7 @@ class ConformerEncoder(nn.Module):
             )
             for spec in config.layers
         )
-        self.final_norm = nn.LayerNorm(config.model_dim)
+        self.final_norm = nn.LayerNorm(config.model_dim, eps=1e-6)  # the released ConformerEncoder's eps
         if config.init == "xavier_normal":
             xavier_normal_init_(self)
 

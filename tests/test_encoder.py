@@ -126,12 +126,14 @@ def test_conv_subsampling_lengths_are_ceil_half_twice(t: int) -> None:
 
 @pytest.mark.parametrize("norm", ["channels", "channels_freq"])
 def test_conv_subsampling_padding_invariance(norm: str) -> None:
+    torch.manual_seed(0)
     sub = ConvSubsampling(16, (8, 4), model_dim=D, dropout_p=0.1, norm=norm).eval()
     x, lengths = _padded_batch([13, 9, 6, 1], 16)
     y, out = sub(x, lengths)
     for i, n in enumerate(lengths.tolist()):
         yi, oi = sub(x[i : i + 1, :n], lengths[i : i + 1])
-        torch.testing.assert_close(yi[0], y[i, : oi[0]], atol=1e-6, rtol=0)
+        # float32 convolutions of different batch shapes may take different kernels: 1e-5, not 1e-6
+        torch.testing.assert_close(yi[0], y[i, : oi[0]], atol=1e-5, rtol=0)
         assert torch.all(y[i, oi[0] :] == 0)
 
 

@@ -367,6 +367,7 @@ def test_conformer_block_matches_released_layer(plan: str) -> None:
             mixer = lambda v: paper_summary_mixing(block.mixer, v)  # noqa: E731
         torch.testing.assert_close(ours[i, :length], released_block(block, x[i, :length], mixer))
     assert (ours[mask] == 0).all()
+    assert build_encoder(config).final_norm.eps == 1e-6  # SpeechBrain's ConformerEncoder norm
 
 
 # ------------------------------------------------------------------------ init and the presets
