@@ -33,7 +33,7 @@ from models.typed_config import coerce, fail, section_from_dict, set_path
 from orchestrator.errors import SpecError
 from orchestrator.metrics import OBJECTIVE_METRICS, PROFILE_METRICS
 from orchestrator.search import RUN_SECTIONS, Param, parse_search
-from orchestrator.yamlio import parse_set, read_yaml_mapping
+from orchestrator.yamlio import blame_set, parse_set, read_yaml_mapping
 
 SWEEP_SECTIONS = ("sweep", "search", "resources", "profile", "tracking", "storage")
 TOP_KEYS = (*SWEEP_SECTIONS, *RUN_SECTIONS)
@@ -337,7 +337,10 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, check_run: boo
     for text in overrides:
         key, value = parse_set(text, example="sweep.num_trials=2")
         data = set_spec_path(data, key, value, source=f"--set {text}")
-    return spec_from_dict(data, source=source, check_run=check_run)
+    try:
+        return spec_from_dict(data, source=source, check_run=check_run)
+    except SpecError as err:
+        raise blame_set(err, source, overrides) from None
 
 
 def spec_from_dict(data: Mapping[str, Any], *, source: str = "<spec>", check_run: bool = True) -> Spec:

@@ -13,6 +13,7 @@ The typed side (types, defaults, merging, dotted paths) is :mod:`models.typed_co
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,24 @@ def parse_set(text: str, *, example: str = "pretrain.steps=100") -> tuple[str, A
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
     return key.strip(), value
+
+
+def blame_set(err: ConfigError, source: str, overrides: Sequence[str]) -> ConfigError:
+    """``err`` (about ``source``) named after the ``--set`` that wrote its key, when one did.
+
+    ``spec.yaml: sweep.num_trials: must be >= 1`` after ``--set sweep.num_trials=0`` becomes
+    ``--set sweep.num_trials=0: sweep.num_trials: must be >= 1``; an error about a key no
+    ``--set`` touched keeps naming the file.
+    """
+    message = str(err)
+    if not message.startswith(f"{source}: "):
+        return err
+    rest = message[len(source) + 2:]
+    key = rest.split(": ", 1)[0]
+    for text in reversed(overrides):
+        written = str(text).partition("=")[0].strip()
+        inside = key == written or key.startswith((f"{written}.", f"{written}["))
+        above = written.startswith(f"{key}.") and written[len(key) + 1:] in rest
+        if inside or above:
+            return ConfigError(f"--set {text}: {rest}")
+    return err

@@ -129,6 +129,13 @@ def test_binary_spec_through_the_cli(tmp_path):
 
 def test_bad_set_is_named(tmp_path):
     path = write(tmp_path, spec_dict(tmp_path))
+    with pytest.raises(SpecError, match=r"^--set sweep\.num_trials=0: sweep\.num_trials: must be >= 1, got 0$"):
+        load_spec(path, ["sweep.max_failures=1", "sweep.num_trials=0"])
+    with pytest.raises(SpecError, match=r"^--set model\.encoder\.conv_kernel=4: model: encoder\.conv_kernel must be an odd"):
+        load_spec(path, ["model.encoder.conv_kernel=4"])
+    own = write(tmp_path, spec_dict(tmp_path, sweep={"name": "bs", "num_trials": 0}), "own.yaml")
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(own))}: sweep\.num_trials: must be >= 1"):  # the file's own key
+        load_spec(own, ["sweep.seed=1"])
     with pytest.raises(SpecError, match=r"^--set 'sweep\.num_trials=\[': the value is not valid YAML"):
         load_spec(path, ["sweep.num_trials=["])
     with pytest.raises(SpecError, match=r"^--set sweep\.name\.x=1: sweep\.name\.x: sweep\.name holds a value"):
@@ -143,7 +150,7 @@ def test_run_cli_bad_values_are_one_line(tmp_path, capsys):
 
     assert main(["pretrain", "--set", "pretrain.steps=3.0", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: <defaults> with --set pretrain.steps=3.0: pretrain.steps: expected an integer, got float 3.0"
+    assert err == "error: --set pretrain.steps=3.0: pretrain.steps: expected an integer, got float 3.0"
     config = tmp_path / "c.yaml"
     config.write_text("pretrain: {steps: 5}\npretrain: {steps: 6}\n")
     assert main(["pretrain", "--config", str(config)]) == 2

@@ -27,7 +27,7 @@ from models.config import ModelConfig, make_config, model_from_section
 from models.typed_config import ConfigError, coerce, fail, section_from_dict, set_path
 from orchestrator.data.augment import AugmentConfig
 from orchestrator.train.presets import run_preset_dict
-from orchestrator.yamlio import parse_set, read_yaml_mapping
+from orchestrator.yamlio import blame_set, parse_set, read_yaml_mapping
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = typing.get_args(Precision)
@@ -478,10 +478,11 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] | None = N
     data = with_overrides(data, overrides or [])
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
-    source = str(path) if path is not None else None
-    if overrides:
-        source = f"{source or '<defaults>'} with --set {' --set '.join(overrides)}"
-    return run_config_from_dict(data, source=source)
+    source = str(path) if path is not None else "<defaults>"
+    try:
+        return run_config_from_dict(data, source=source)
+    except ConfigError as err:
+        raise blame_set(err, source, overrides or []) from None
 
 
 def _to_plain(obj: Any) -> Any:
