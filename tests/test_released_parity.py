@@ -405,7 +405,7 @@ def test_xavier_normal_on_every_encoder_matrix_only() -> None:
 
 
 def test_base_preset_carries_the_released_options_on_every_layer() -> None:
-    config = make_config("base", plan="pom", attention_layers=4)
+    config = make_config("base", plan="pom", attention_layers=4, model_dim=488)  # no budget matching: fast
     fe, enc = config.frontend, config.encoder
     assert (fe.fbank, fe.norm, fe.proj_dropout_p) == ("speechbrain", "channels_freq", 0.1)
     assert (enc.init, enc.mixer_dropout, enc.dropout_p) == ("xavier_normal", False, 0.1)
@@ -416,7 +416,7 @@ def test_base_preset_carries_the_released_options_on_every_layer() -> None:
         }
     assert all(spec.options["pad_mean"] == "all" for spec in enc.layers[4:])
     # each one --set away: the better maths for the upper layers, today's relpos for the lower ones
-    other = make_config("base", plan="pom", attention_layers=4, plan_options={"pad_mean": "masked"},
+    other = make_config("base", plan="pom", attention_layers=4, model_dim=488, plan_options={"pad_mean": "masked"},
                         lower_options={"symmetric_positions": False})
     assert other.encoder.layers[4].options["pad_mean"] == "masked"
     assert other.encoder.layers[0].options["symmetric_positions"] is False
