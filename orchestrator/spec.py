@@ -33,7 +33,7 @@ from models.typed_config import coerce, fail, section_from_dict, set_path
 from orchestrator.errors import SpecError
 from orchestrator.metrics import OBJECTIVE_METRICS, PROFILE_METRICS
 from orchestrator.search import RUN_SECTIONS, Param, parse_search
-from orchestrator.yamlio import blame_set, parse_set, read_yaml_mapping
+from orchestrator.yamlio import apply_sets, blame_set, read_yaml_mapping
 
 SWEEP_SECTIONS = ("sweep", "search", "resources", "profile", "tracking", "storage")
 TOP_KEYS = (*SWEEP_SECTIONS, *RUN_SECTIONS)
@@ -334,9 +334,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), *, check_run: boo
     data = read_yaml_mapping(path, what="spec file", hint="; the shipped ones are in search_spaces/")
     if not data:
         raise SpecError(f"{source}: the spec is empty; it needs at least sweep and search sections")
-    for text in overrides:
-        key, value = parse_set(text, example="sweep.num_trials=2")
-        data = set_spec_path(data, key, value, source=f"--set {text}")
+    data = apply_sets(data, overrides, example="sweep.num_trials=2", setter=set_spec_path)
     try:
         return spec_from_dict(data, source=source, check_run=check_run)
     except SpecError as err:

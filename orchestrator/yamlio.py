@@ -13,13 +13,13 @@ The typed side (types, defaults, merging, dotted paths) is :mod:`models.typed_co
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from models.typed_config import ConfigError
+from models.typed_config import ConfigError, set_path
 
 
 class Loader(yaml.SafeLoader):
@@ -113,6 +113,15 @@ def parse_set(text: str, *, example: str = "pretrain.steps=100") -> tuple[str, A
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
     return key.strip(), value
+
+
+def apply_sets(data: dict[str, Any], overrides: Sequence[str], *, example: str = "pretrain.steps=100",
+               setter: Callable[..., dict[str, Any]] = set_path) -> dict[str, Any]:
+    """``data`` with each ``--set key.path=value`` applied in order (``setter``: the dotted-path setter)."""
+    for text in overrides:
+        key, value = parse_set(text, example=example)
+        data = setter(data, key, value, source=f"--set {text}")
+    return data
 
 
 def blame_set(err: ConfigError, source: str, overrides: Sequence[str]) -> ConfigError:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from models.config import ModelConfig, make_config, model_from_section
-from models.typed_config import ConfigError, coerce, fail, section_from_dict, set_path
+from models.typed_config import ConfigError, coerce, fail, section_from_dict
 from orchestrator.data.augment import AugmentConfig
 from orchestrator.train.presets import run_preset_dict
-from orchestrator.yamlio import blame_set, parse_set, read_yaml_mapping
+from orchestrator.yamlio import apply_sets, blame_set, read_yaml_mapping
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = typing.get_args(Precision)
@@ -454,15 +454,6 @@ def run_config_from_dict(data: Mapping[str, Any] | None, *, source: str | None =
     return config
 
 
-def with_overrides(data: Mapping[str, Any], overrides: Sequence[str], *, example: str = "pretrain.steps=100") -> dict[str, Any]:
-    """``data`` with each ``--set key.path=value`` applied in order (:func:`orchestrator.yamlio.parse_set`)."""
-    out = dict(data)
-    for text in overrides:
-        key, value = parse_set(text, example=example)
-        out = set_path(out, key, value, source=f"--set {text}")
-    return out
-
-
 def load_run_config(path: str | Path | None, overrides: Sequence[str] | None = None, *, output_dir: str | None = None) -> RunConfig:
     """Read a run YAML file strictly, apply ``--set`` overrides and ``--out``, validate.
 
@@ -475,7 +466,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] | None = N
         ConfigError: a missing, unreadable or binary file, bad YAML, unknown keys or bad values.
     """
     data = read_yaml_mapping(path, what="config file") if path is not None else {}
-    data = with_overrides(data, overrides or [])
+    data = apply_sets(data, overrides or [])
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
     source = str(path) if path is not None else "<defaults>"
