@@ -313,7 +313,8 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
 
     tracker = Tracker(uri=ctx.tracking_uri, experiment_id=ctx.experiment_id)
     run_id = state.get("mlflow_run_id") or tracker.trial_run(ctx.parent_run_id, trial_key, f"trial-{tune_id}")
-    state.update({"trial_key": trial_key, "mlflow_run_id": run_id, "params": params, "status": "running"})
+    state.update({"trial_key": trial_key, "mlflow_run_id": run_id, "params": params, "status": "running",
+                  "attempts": int(state.get("attempts", 0)) + 1})  # > 1: Tune retried it (--resume counts too)
     storage.write_json(state_path, state)
 
     claim = None

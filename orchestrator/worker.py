@@ -38,8 +38,9 @@ TIME_METRICS = (
     "time/profile_s", "time/total_s",
 )
 """A trial's wall-time breakdown in MLflow: start-up (trial start -> this worker's loop, the
-worker group start included), pre-training (0 when reused), hand-off (fetching and loading the
-pre-trained encoder), fine-tuning (with its dev evaluations), test evaluation, profile, and the
+worker group start included), pre-training (0 when reused), hand-off (fetching the checkpoint
+fine-tuning starts from: its own newest, or the pre-trained one), fine-tuning (loading the
+pre-trained encoder and the dev evaluations included), test evaluation, profile, and the
 trial's total. ``time/pretrain_wait_s`` (waiting for another trial computing the same
 pre-training) is logged besides by the trial driver."""
 

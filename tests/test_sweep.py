@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,12 +26,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def sweep_spec(corpus: Path, tmp: Path, *, name: str, search: dict, num_trials: int = 2, sampler: str = "grid") -> dict:
+def sweep_spec(corpus: Path, tmp: Path, *, name: str, search: dict, num_trials: int = 2, sampler: str = "grid",
+               max_concurrent: int | None = 1) -> dict:
+    """A micro sweep; ``max_concurrent=None`` leaves the concurrency to the cluster's CPUs."""
     run = micro_run_dict(corpus, tmp / "unused", tmp / "cache")
     run.pop("output_dir")
+    concurrency = {"max_concurrent": max_concurrent} if max_concurrent is not None else {}
     return {
         "sweep": {"name": name, "objective": {"metric": "dev_wer", "mode": "min"}, "num_trials": num_trials,
-                  "max_concurrent": 1, "sampler": sampler, "scheduler": {"type": "fifo"}},
+                  **concurrency, "sampler": sampler, "scheduler": {"type": "fifo"}},
         "search": search,
         **run,
         "resources": {"workers": 1, "cpus_per_worker": 1},
@@ -84,9 +88,12 @@ def run_sweep_cmd(spec_path: Path, env: dict, *args: str, timeout: float = 900) 
 
 
 def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
-    """Three trials that differ only in fine-tuning settings: one pre-training, three MLflow
-    children; the trial whose loss becomes NaN fails with the reason, the others finish."""
-    spec = sweep_spec(small_corpus, tmp_path, name="reuse", num_trials=3,
+    """Three trials that differ only in fine-tuning settings, as many at once as the CPUs allow:
+    one pre-training (the others wait for it), three MLflow children with their time breakdown;
+    the trial whose loss becomes NaN fails with the reason, the others finish."""
+    from orchestrator.worker import TIME_METRICS
+
+    spec = sweep_spec(small_corpus, tmp_path, name="reuse", num_trials=3, max_concurrent=None,
                       search={"finetune.head_lr": {"values": [0.001, 0.003, 1e30]}})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -116,11 +123,20 @@ def test_sweep_tracks_trials_and_pretrains_once(small_corpus, tmp_path):
         assert child.data.tags["layer_plan"]
         history = client.get_metric_history(child.info.run_id, "pretrain/loss") or []
         assert child.data.tags["pretrain_reused"] == "true" or history, "the pre-training trial logs its curve"
+        times = {name: child.data.metrics[name] for name in TIME_METRICS}
+        assert all(value >= 0.0 for value in times.values()), times
+        parts = sum(value for name, value in times.items() if name != "time/total_s")
+        assert parts <= times["time/total_s"] + 1.0, times  # the phases lie inside the trial's wall time
+        assert (times["time/pretrain_s"] > 0) == (child.data.tags["pretrain_reused"] == "false"), times
     # Pre-trained once, reused by the other trial.
     done = list((tmp_path / "runs" / "pretrain").glob("*/pretrain.done.json"))
     assert len(done) == 1
     assert sorted(c.data.tags["pretrain_reused"] for c in children + diverged) == ["false", "true", "true"]
     sweep_dir = next((tmp_path / "runs" / "sweeps").iterdir())
+    states = sorted(json.loads(p.read_text())["status"] for p in sweep_dir.glob("trials/*/trial.json"))
+    assert states == ["done", "done", "failed"], states
+    at_once = re.search(r"(\d+) trial\(s\) at once", proc.stdout)  # one per CPU here (1 worker x 1 CPU each)
+    assert at_once and int(at_once.group(1)) >= min(2, os.cpu_count() or 1), proc.stdout[-2000:]
     report = (sweep_dir / "report.md").read_text()
     assert report.count("| FINISHED |") == 2 and "FAILED: DivergedError" in report, report
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
