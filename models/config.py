@@ -624,9 +624,10 @@ def model_from_section(data: Mapping[str, Any] | None, *, source: str | None = N
     {dropout_p: 0.2}}`` is ``make_config("tiny", plan="pom", attention_layers=2,
     plan_options={"degree": 3}, encoder={"dropout_p": 0.2})``: whatever the section leaves out
     keeps the preset's value (a section without ``preset`` uses ``base``; a run file's section is
-    first merged onto its run preset's, which names one). ``encoder.layers`` (one mixer name or
-    ``{name, options}`` per layer) and ``encoder.model_dim`` may stand for ``plan`` and
-    ``model_dim``, so the output of :func:`config_to_dict` reads back equal.
+    first merged onto its run preset's, which names one). ``encoder.model_dim`` may stand for
+    ``model_dim``. With ``encoder.layers`` (every layer spelled out, as :func:`config_to_dict`
+    writes them) the sections are merged onto the preset's sections as they are, without the
+    plan keys, so a config's dict reads back equal.
 
     Raises:
         ConfigError: one line naming ``source``, the key under ``path`` and what is allowed.
@@ -643,21 +644,22 @@ def model_from_section(data: Mapping[str, Any] | None, *, source: str | None = N
             kwargs[key] = coerce(value, MODEL_KEYS[key], f"{path}.{key}", source)
         else:
             raise fail(source, f"{path}.{key}", f"unknown key; allowed keys: {', '.join(sorted([*MODEL_KEYS, *SECTIONS]))}")
-    encoder = sections.get("encoder", {})
-    for inner, outer in (("layers", "plan"), ("model_dim", "model_dim")):
-        if inner in encoder:
-            if kwargs.get(outer) is not None or (inner == "model_dim" and kwargs.get("param_budget") is not None):
-                raise fail(source, f"{path}.encoder.{inner}", f"give {path}.{outer} or {path}.encoder.{inner}, not both")
-            kwargs[outer] = encoder.pop(inner)
-            if inner == "layers":
-                kwargs[outer] = coerce(kwargs[outer], tuple[Any, ...], f"{path}.encoder.layers", source)
     preset = kwargs.pop("preset", "base")
     if preset not in PRESETS:
         raise fail(source, f"{path}.preset", f"{preset!r} is not a model preset; allowed values: {', '.join(PRESETS)}")
+    encoder = sections.get("encoder", {})
+    if "layers" in encoder:  # every layer spelled out (config_to_dict's form): the sections onto the preset's, as they are
+        for key in kwargs:
+            raise fail(source, f"{path}.{key}", f"give {path}.encoder.layers (every layer) or {path}.{key}, not both")
+        return config_from_dict(deep_merge(config_to_dict(get_preset(preset).config), sections), source=source, path=path)
+    if "model_dim" in encoder:
+        if kwargs.get("model_dim") is not None or kwargs.get("param_budget") is not None:
+            raise fail(source, f"{path}.encoder.model_dim", f"give {path}.encoder.model_dim, {path}.model_dim or "
+                                                             f"{path}.param_budget, not two")
+        kwargs["model_dim"] = encoder.pop("model_dim")
     plan = kwargs.get("plan")
     if isinstance(plan, tuple):  # the layers as written: name them by their key in the file
-        at = f"{path}.plan" if "plan" in data else f"{path}.encoder.layers"
-        kwargs["plan"] = tuple(_spec_from_dict(item, f"{at}[{i}]", source) for i, item in enumerate(plan))
+        kwargs["plan"] = tuple(_spec_from_dict(item, f"{path}.plan[{i}]", source) for i, item in enumerate(plan))
     try:
         return make_config(preset, source=source, path=path, **kwargs, **sections)
     except ValueError as err:

@@ -307,7 +307,9 @@ def test_model_section_merges_onto_its_preset() -> None:
         ({"preset": "tiny", "plan": [{"name": "pom", "options": {"heads": 2}}] * 4}, r"f\.yaml: model\.plan\[0\]: mixer 'pom' has no option 'heads'"),
         ({"preset": "tiny", "attention_layers": 2.0}, r"f\.yaml: model\.attention_layers: expected an integer or null, got float 2\.0"),
         ({"preset": "tiny", "encoder": {"conv_kernel": 4}}, r"f\.yaml: model: encoder\.conv_kernel must be an odd integer"),
-        ({"preset": "tiny", "model_dim": 64, "encoder": {"model_dim": 64}}, r"f\.yaml: model\.encoder\.model_dim: give model\.model_dim or"),
+        ({"preset": "tiny", "model_dim": 64, "encoder": {"model_dim": 64}}, r"f\.yaml: model\.encoder\.model_dim: give model\.encoder\.model_dim, model\.model_dim or"),
+        ({"preset": "tiny", "plan": "pom", "encoder": {"num_layers": 1, "layers": ["pom"]}}, r"f\.yaml: model\.plan: give model\.encoder\.layers \(every layer\) or model\.plan, not both"),
+        ({"preset": "tiny", "encoder": {"layers": ["pom"]}}, r"f\.yaml: model: encoder\.layers has 1 entries but encoder\.num_layers is 4"),
         ({"preset": "tiny", "decoder": {}}, r"f\.yaml: model\.decoder: unknown key; allowed keys: attention_layers, best_rq"),
     ],
 )
