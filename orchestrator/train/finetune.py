@@ -297,7 +297,8 @@ class FinetuneObjective(Objective):
         self.dev_metrics: dict[str, float] = {}
         self.best_record: dict[str, Any] | None = None
         self.frozen = False
-        self.eval_epoch: int | None = None
+        self.started = False
+        self.eval_epoch = 0
 
     def known_steps(self) -> int | None:
         return self.fc.steps  # None when the budget is in epochs
@@ -359,7 +360,8 @@ class FinetuneObjective(Objective):
         self.tokenizer.save(folder / TOKENIZER_DIR)
 
     def before_step(self, step: int) -> bool:
-        if self.eval_epoch is None:  # the first call: set the state this step count implies
+        if not self.started:  # the first call: set the state this step (0, or a resumed one) implies
+            self.started = True
             self.eval_epoch = self.data.sampler.epoch
             self.frozen = step < self.fc.freeze_encoder_steps
             _set_encoder_trainable(self.model, not self.frozen)
