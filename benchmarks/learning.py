@@ -47,6 +47,7 @@ from orchestrator.train.evaluate import evaluate_run  # noqa: E402
 from orchestrator.train.finetune import finetune  # noqa: E402
 from orchestrator.train.loop import ProgressPrinter  # noqa: E402
 from orchestrator.train.pretrain import pretrain  # noqa: E402
+from orchestrator.train.runtime import cpu_has_native_bf16  # noqa: E402
 
 
 def _collect(into: list, verbose: bool):
@@ -84,12 +85,7 @@ def _lexicon_wer(config) -> dict:
 
 
 def _cpu_has_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return not torch.cuda.is_available() and ("amx_bf16" in flags or "avx512_bf16" in flags)
+    return not torch.cuda.is_available() and cpu_has_native_bf16()
 
 
 class _Timer:

@@ -134,7 +134,8 @@ class OptimConfig:
     """Audio seconds per micro-batch per rank (dynamic batching)."""
 
     precision: Precision = "auto"
-    """``auto`` (bf16 autocast on CUDA if supported else fp16 with a GradScaler; fp32 on CPU),
+    """``auto`` (bf16 autocast on CUDA if supported else fp16 with a GradScaler; on a CPU bf16
+    where the CPU computes it natively (AMX / AVX512-BF16), else fp32),
     ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast + GradScaler, CUDA only)."""
 
     log_every: int = 10

@@ -66,8 +66,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16 in ``/proc/cpuinfo``).
+
+    Where it does, bf16 autocast makes a training step of the tiny encoders about 1.7x faster
+    than fp32 (measured with one thread on an AMD EPYC with AVX512-BF16); elsewhere bf16 is
+    emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU.
+    """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA; on a CPU, bf16 where it
+    is native (:func:`cpu_has_native_bf16`), else fp32.
 
     Raises:
         ValueError: fp16 on CPU (autocast to fp16 needs a GPU to be useful and a GradScaler
@@ -76,7 +92,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     return precision
