@@ -330,3 +330,13 @@ def test_ray_tune_no_longer_copies_aws_credentials_into_runtime_envs(monkeypatch
     keep_credentials_out_of_ray()
     env_vars = runtime_env()["env_vars"]
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_vars), env_vars
+
+
+def test_preflight_does_not_import_the_tuner():
+    """The tuner calls the preflight; the preflight never reaches back (no import cycle)."""
+    import ast
+
+    tree = ast.parse((REPO / "orchestrator" / "preflight.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not imported & {"orchestrator.tuner", "orchestrator.sweep", "orchestrator.driver"}, imported
