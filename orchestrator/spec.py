@@ -249,6 +249,15 @@ class Spec:
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
+    def resolved_run(self) -> dict[str, Any]:
+        """:attr:`run` merged onto its run preset, without ``preset`` (the same run config, with
+        no reference left to the presets' code); :attr:`run` itself when ``preset`` is searched."""
+        from orchestrator.train.presets import run_preset_dict
+
+        if any(p.path == "preset" for p in self.search):
+            return copy.deepcopy(self.run)
+        return run_preset_dict(self.run, self.source)
+
     def base_config(self):
         """:attr:`base`, resolving it now for a spec loaded with ``check_run=False``."""
         return self.base if self.base is not None else build_run_config(self.run, {}, source=self.source)

@@ -83,15 +83,15 @@ def find_sweep(storage: Storage, name: str, sweep_id: str) -> str | None:
 
 
 def absolute_run(spec: Spec) -> dict[str, Any]:
-    """The spec's run section with local data/cache paths made absolute.
+    """The spec's run sections as resolved when the sweep starts, local data/cache paths absolute.
 
-    Ray workers run in their own working directories, so a relative ``data/synth`` would point
-    somewhere else on every worker (and generate a corpus there).
+    The run preset is applied here, once (:meth:`Spec.resolved_run`): the trials start from the
+    same sections whatever happens to the presets' code while the sweep runs. Ray workers run in
+    their own working directories, so a relative ``data/synth`` would point somewhere else on
+    every worker (and generate a corpus there).
     """
-    import copy
-
     base = spec.base_config()
-    run = copy.deepcopy(spec.run)
+    run = spec.resolved_run()
     data = dict(run.get("data") or {})
     if not base.data.root.startswith("s3://"):
         data["root"] = str(Path(base.data.root).expanduser().resolve())

@@ -249,3 +249,15 @@ def test_max_failures_defaults_to_surviving_a_node():
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         spec = load_spec(path, check_run=False)
         assert spec.sweep.max_failures == DEFAULT_MAX_FAILURES >= 1, path
+
+
+def test_trials_start_from_the_resolved_run(tmp_path):
+    """The run preset is applied once, when the sweep starts: the trials' sections name no preset."""
+    from orchestrator.spec import build_run_config
+    from orchestrator.tuner import absolute_run
+
+    spec = load_spec(write(tmp_path, spec_dict(tmp_path, model={"plan": "pom", "attention_layers": 1})))
+    run = absolute_run(spec)
+    assert "preset" not in run and run["model"]["preset"] == "tiny" and run["pretrain"]["steps"] == 60
+    assert build_run_config(run, {}) == build_run_config(spec.run, {}, source=spec.source) == spec.base
+    assert build_run_config(run, {"finetune.head_lr": 0.003}).finetune.head_lr == 0.003
