@@ -158,13 +158,15 @@ def relog_checkpoint_metrics(tracker, run_id: str, stage: str, checkpoints: Path
 
 def flatten_eval(evaluation: dict[str, Any]) -> dict[str, float]:
     """``evaluate_run`` results -> flat metrics: test_wer (first subset), test/<subset>/wer, CI,
-    and with an LM test/<subset>/wer_lm, cer_lm, wer_lm_ci_low, wer_lm_ci_high."""
+    and with an LM test/<subset>/wer_lm, cer_lm, wer_lm_ci_low, wer_lm_ci_high and the LM's
+    paired gain wer_lm_gain, wer_lm_gain_ci_low, wer_lm_gain_ci_high."""
     out: dict[str, float] = {}
     subsets = evaluation.get("subsets") or {}
     first = True
     for subset, scores in subsets.items():
         for key in ("wer", "cer", "wer_ci_low", "wer_ci_high", "utterances",
-                    "wer_lm", "cer_lm", "wer_lm_ci_low", "wer_lm_ci_high"):
+                    "wer_lm", "cer_lm", "wer_lm_ci_low", "wer_lm_ci_high",
+                    "wer_lm_gain", "wer_lm_gain_ci_low", "wer_lm_gain_ci_high"):
             if key in scores and isinstance(scores[key], (int, float)):
                 out[f"test/{subset}/{key}"] = float(scores[key])
                 if first and key in ("wer", "cer"):

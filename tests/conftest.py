@@ -54,7 +54,8 @@ def micro_run_dict(corpus: Path, out: Path, cache: Path, **sections) -> dict:
             "steps": 4, "warmup_steps": 2, "max_batch_seconds": 12.0, "log_every": 1, "checkpoint_every": 2,
             "eval_every": 2,
         },
-        "eval": {"decoder": "greedy", "lexicon_from_train": False, "bootstrap_samples": 20, "max_batch_seconds": 30.0},
+        "eval": {"decoder": "greedy", "lexicon_from_train": False, "lm_from_train": False, "bootstrap_samples": 20,
+                 "max_batch_seconds": 30.0},
         "output_dir": str(out),
         "device": "cpu",
     }

@@ -182,6 +182,8 @@ def test_evaluate_run_decodes_without_and_with_the_lm(small_corpus: Path, tmp_pa
         assert math.isfinite(clean[key]) and clean[key] >= 0, key
         assert reports[0][f"test-clean/{key}"] == clean[key]
     assert clean["wer_lm_ci_low"] <= clean["wer_lm"] <= clean["wer_lm_ci_high"]
+    assert clean["wer_lm_gain"] == pytest.approx(clean["wer"] - clean["wer_lm"])
+    assert clean["wer_lm_gain_ci_low"] <= clean["wer_lm_gain"] <= clean["wer_lm_gain_ci_high"]
     assert result["lm"]["held_out_in_train"] == 0 and result["lm"]["order"] == 3
     out = tmp_path / "run" / "eval"
     for name in ("lm.arpa", "lexicon.txt", "test-clean.tsv", "test-clean.lm.tsv", "results.json"):

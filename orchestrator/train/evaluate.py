@@ -16,11 +16,13 @@
 Reported metrics per subset: ``<subset>/wer``, ``<subset>/cer``, ``<subset>/wer_ci_low``,
 ``<subset>/wer_ci_high`` (the decoding without LM), ``<subset>/utterances``, ``<subset>/words``,
 and with an LM ``<subset>/wer_lm``, ``<subset>/cer_lm``, ``<subset>/wer_lm_ci_low``,
-``<subset>/wer_lm_ci_high``.
+``<subset>/wer_lm_ci_high`` and the LM's gain ``<subset>/wer_lm_gain`` (``wer - wer_lm``) with the
+95% interval of a paired bootstrap over the same utterances (``wer_lm_gain_ci_low/high``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from models.config import config_from_dict
 from models.ctc import CTCModel
 from orchestrator.data.tokenizers import load_tokenizer
+from orchestrator.stats import paired_bootstrap
 from orchestrator.train.checkpoint import atomic_write_bytes, checkpoint_to_test, load_state
 from orchestrator.train.config import RunConfig
 from orchestrator.train.data import ensure_corpus, load_utterances
@@ -198,8 +201,9 @@ def evaluate_run(
     Returns:
         ``{"checkpoint", "decoder", ..., "lm", "subsets": {name: {"wer", "cer", "wer_ci_low",
         "wer_ci_high", "utterances", "words", "seconds", "decode_seconds"}}}`` plus, with an LM,
-        ``"wer_lm", "cer_lm", "wer_lm_ci_low", "wer_lm_ci_high", "decode_lm_seconds"`` per
-        subset; also written to ``<output_dir>/eval/results.json``.
+        ``"wer_lm", "cer_lm", "wer_lm_ci_low", "wer_lm_ci_high", "wer_lm_gain",
+        "wer_lm_gain_ci_low", "wer_lm_gain_ci_high", "decode_lm_seconds"`` per subset; also
+        written to ``<output_dir>/eval/results.json``.
     """
     ec = config.eval
     runtime = Runtime.create(config.device, "fp32" if config.finetune.precision == "auto" else config.finetune.precision)
@@ -228,6 +232,11 @@ def evaluate_run(
         if with_lm is not None:
             lm_total = _gather(score(scores.ids, scores.references, decode.lm_texts))
             results[subset].update(_summarise(lm_total, ec, "_lm"))
+            gain = paired_bootstrap(total.word_errors, lm_total.word_errors, total.words,
+                                    samples=ec.bootstrap_samples, seed=ec.seed) if total.ids and ec.bootstrap_samples else None
+            results[subset].update({"wer_lm_gain": total.wer - lm_total.wer,
+                                    "wer_lm_gain_ci_low": gain.low if gain else math.nan,
+                                    "wer_lm_gain_ci_high": gain.high if gain else math.nan})
             results[subset]["decode_seconds"] = decode.seconds["without_lm"]
             results[subset]["decode_lm_seconds"] = decode.seconds["with_lm"]
         results[subset]["seconds"] = time.perf_counter() - start
