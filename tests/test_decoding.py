@@ -222,3 +222,16 @@ def test_lexicon_from_a_binary_lm_is_one_clear_error(tmp_path: Path) -> None:
     missing = run_config_from_dict({"eval": {"lm_path": str(tmp_path / "none.arpa")}})
     with pytest.raises(ValueError, match="eval.lm_path: .*none.arpa does not exist"):
         prepare_language_files(missing, CharTokenizer())
+
+
+def test_kenlm_chatter_is_hidden_other_stderr_kept(corpus_lm: dict, capfd) -> None:
+    import os
+
+    from orchestrator.train.decoding import _kenlm_progress_hidden
+
+    BeamSearchDecoder(CharTokenizer(), lm_path=str(corpus_lm["arpa"]), lexicon_path=str(corpus_lm["lexicon"]))
+    with _kenlm_progress_hidden():
+        os.write(2, b"Reading lm.arpa\n----5---10---15---20---25\n****\na real warning\n")
+    err = capfd.readouterr().err
+    assert "binary file" not in err and "Reading" not in err and "****" not in err
+    assert "a real warning" in err

@@ -9,8 +9,10 @@ ranks exactly, and can be bootstrapped by resampling utterances.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,32 @@ def normalize_text(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Beam search
+
+
+# KenLM's lines when it reads an ARPA file (stderr, from C++): a hint and a progress bar.
+_KENLM_NOISE = ("Loading the LM will be faster if you build a binary file.", "Reading ",
+                "----5---10---15---20", "****")
+
+
+@contextlib.contextmanager
+def _kenlm_progress_hidden():
+    """Run the block with file descriptor 2 sent to a temporary file, then write back every line
+    of it but KenLM's ARPA-reading chatter (which every trial would otherwise print)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith(_KENLM_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 class BeamSearchDecoder:
@@ -105,20 +133,21 @@ class BeamSearchDecoder:
                 handle.write("\n".join(tokens + ([] if "<unk>" in tokens else ["<unk>"])) + "\n")
             lm_dict = handle.name
         try:
-            self._decoder = ctc_decoder(
-                lexicon=lexicon_path,
-                tokens=tokens,
-                lm=lm_path,
-                lm_dict=lm_dict,
-                nbest=1,
-                beam_size=beam_size,
-                beam_size_token=beam_size_token,
-                beam_threshold=beam_threshold,
-                lm_weight=(lm_weight * (math.log(10.0) if lm_score_base == "ln" else 1.0)) if lm_path else 0.0,
-                word_score=word_score,
-                blank_token=tokens[BLANK],
-                sil_token=sil,
-            )
+            with _kenlm_progress_hidden():
+                self._decoder = ctc_decoder(
+                    lexicon=lexicon_path,
+                    tokens=tokens,
+                    lm=lm_path,
+                    lm_dict=lm_dict,
+                    nbest=1,
+                    beam_size=beam_size,
+                    beam_size_token=beam_size_token,
+                    beam_threshold=beam_threshold,
+                    lm_weight=(lm_weight * (math.log(10.0) if lm_score_base == "ln" else 1.0)) if lm_path else 0.0,
+                    word_score=word_score,
+                    blank_token=tokens[BLANK],
+                    sil_token=sil,
+                )
         finally:
             if lm_dict is not None:
                 os.unlink(lm_dict)
