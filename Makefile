@@ -24,9 +24,12 @@ demo: sweep
 # stack (tests/test_stack.py). Only root (CI) installs them; anyone else gets one line naming the
 # missing ones and goes on: the tests that need them skip (under CI=true they fail).
 PG_CTL := /usr/lib/postgresql/15/bin/pg_ctl
+# Headless Chromium for the MLflow UI page test (tests/test_mlflow_ui.py); Debian package.
+CHROMIUM := chromium
 system-deps:
 	@missing=""; \
 	test -x $(PG_CTL) || missing="$$missing postgresql-15"; \
+	command -v $(CHROMIUM) >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

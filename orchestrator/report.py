@@ -388,6 +388,18 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
     return paths
 
 
+def mlflow_link(tracker, metric: str, mode: str) -> str:
+    """Where to see the trials in the MLflow UI (model-training view, sorted by the objective)."""
+    from orchestrator.tracking import experiment_page_url, redact_uri
+
+    remote = tracker.uri.startswith(("http://", "https://"))
+    url = experiment_page_url(tracker.uri if remote else "http://127.0.0.1:5000", tracker.experiment_id,
+                              order_by_metric=metric, ascending=mode == "min")
+    if remote:
+        return f"MLflow: {redact_uri(url)}"
+    return f"MLflow: `mlflow ui --backend-store-uri {redact_uri(tracker.uri)}`, then {url}"
+
+
 def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list[tuple[str, str]], quiet: bool = False,
                  bootstrap_samples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Collect the trials from MLflow, test differences, print the table, write report.md + plots, log them."""
@@ -413,7 +425,7 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
         summary,
         "",
         f"Objective: {metric} ({mode}). Trials: {len(rows)} ({finished} finished, {stopped} stopped early, "
-        f"{len(failed)} failed).",
+        f"{len(failed)} failed). {mlflow_link(tracker, metric, mode)}",
         "",
         table,
         "",

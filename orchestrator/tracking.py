@@ -144,6 +144,21 @@ def trial_run_name(plan: str, trial_key: str) -> str:
     return f"{plan} \u00b7 {hashlib.sha1(trial_key.encode()).hexdigest()[:6]}"
 
 
+def experiment_page_url(ui_base: str, experiment_id: str, *, order_by_metric: str | None = None,
+                        ascending: bool = True) -> str:
+    """The experiment's runs table in the MLflow UI, every trial on its own row.
+
+    MLflow 3.17's UI picks its view from a global "GenAI / Model training" switch (default GenAI,
+    whatever the experiment's kind tag says), so the link asks for the model-training view. Sorted
+    by a metric, the table lists child runs on their own rows instead of folding them under the
+    sweep's run.
+    """
+    query = "workflowType=machine_learning"
+    if order_by_metric:
+        query += f"&orderByKey=metrics.%60{order_by_metric}%60&orderByAsc={'true' if ascending else 'false'}"
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
 @dataclass
 class Tracker:
     """A thin, resumable layer over ``MlflowClient``.

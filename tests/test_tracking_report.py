@@ -11,7 +11,8 @@ from orchestrator.tracking import Tracker, TrackingError, flatten_params, redact
 
 
 @pytest.fixture()
-def tracker(tmp_path):
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder is ./mlruns
     return Tracker.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "unit")
 
 
@@ -226,6 +227,7 @@ def test_report_tests_every_trial_against_the_best(tracker, tmp_path):
     assert "| 2xmha_relpos+2xpom(k3,D2) | model.attention_layers=2 | 0, 1 |" in text and "(n=2)" in text
     assert "training + evaluation (pre-train, fine-tune, eval) is 88.0% of it" in text
     assert "| handoff | 8.0 | 2.0% |" in text
+    assert f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning&orderByKey=metrics.%60dev_wer%60" in text
     note = tracker.client.get_run(parent).data.tags[NOTE_TAG]
     assert note.startswith("Best by dev_wer") and "| # | run | mixer plan |" in note
     rows_again = write_report(tracker, parent, tmp_path / "again", objectives=[("dev_wer", "min")], quiet=True,
