@@ -245,3 +245,13 @@ def test_report_command_from_mlflow_alone(tracker, tmp_path, capsys):
     assert code == 0 and out.startswith("Best by dev_wer")
     assert "Δtest WER" in out and "* = the 95% paired-bootstrap CI excludes 0" in out
     assert (tmp_path / "cli" / "report.md").is_file()
+
+
+def test_headline_without_records_or_finished_trials():
+    from orchestrator.report import headline
+
+    row = {"status": "FINISHED", "plan": "4xpom(k3,D2)", "name": "4xpom(k3,D2) · abcdef", "metrics": {"dev_wer": 0.5}}
+    text = headline([row], None, "dev_wer")
+    assert text.startswith("Best by dev_wer: 4xpom(k3,D2) (dev_wer 0.500)") and "no per-utterance records" in text
+    failed = {**row, "status": "FAILED"}
+    assert headline([failed], None, "dev_wer").startswith("No trial finished")
