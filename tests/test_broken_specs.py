@@ -67,6 +67,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
         ({"model": {"param_budget": 1e13}}, "model.param_budget", "more than this plan reaches"),
         ({"tracking": {"uri": "ftp://example.org/mlflow"}}, "tracking.uri", "is not a tracking URI MLflow can use"),
         ({"storage": {"path": "gs://bucket/x"}}, "storage.path", "neither a folder nor s3://"),
+        ({"data": {"root": "gs://bucket/LibriSpeech"}}, "data.root", "neither a folder nor s3://"),
         ({"sweep": {"name": "bs", "objective": "pretrain_loss"}}, "sweep.objective.metric", "allowed: dev_wer"),
         ({"sweep": {"name": "bs", "extra_objectives": [{"metric": "finetune_loss"}], "scheduler": {"type": "fifo"}}},
          "sweep.extra_objectives[0].metric", "is not a metric a trial reports"),

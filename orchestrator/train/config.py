@@ -85,6 +85,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(bool(self.root), "data.root", "must not be empty")
+        _check("://" not in self.root or (self.root.startswith("s3://") and len(self.root) > 5), "data.root",
+               f"{self.root!r} is neither a folder nor s3://bucket/prefix")
         for name in ("train_subsets", "dev_subsets", "test_subsets"):
             _check(len(getattr(self, name)) > 0, f"data.{name}", "must name at least one subset")
         _check(self.pretrain_subsets is None or len(self.pretrain_subsets) > 0, "data.pretrain_subsets",
