@@ -262,3 +262,25 @@ def test_trials_start_from_the_resolved_run(tmp_path):
     assert "preset" not in run and run["model"]["preset"] == "tiny" and run["pretrain"]["steps"] == 60
     assert build_run_config(run, {}) == build_run_config(spec.run, {}, source=spec.source) == spec.base
     assert build_run_config(run, {"finetune.head_lr": 0.003}).finetune.head_lr == 0.003
+
+
+def test_resources_checked_against_a_live_ray_cluster(tmp_path):
+    """With --address the check reads the live nodes of the cluster (here a 1-CPU Ray), before the corpus."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from orchestrator.preflight import PreflightError, preflight, ray_nodes
+
+    spec = load_spec(write(tmp_path, spec_dict(tmp_path, resources={"cpus_per_worker": 2})))
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
+    try:
+        assert [node.get("CPU") for node in ray_nodes()] == [1.0]
+        with pytest.raises(PreflightError, match=r"resources\.cpus_per_worker=2: no node of the Ray cluster has 2 CPUs"):
+            preflight(spec, nodes=ray_nodes)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not (tmp_path / "synth").exists()
