@@ -165,9 +165,13 @@ def registry(storage_uri: str):
     """The registry of ``storage_uri`` (created on first use; detached, restarted if its node dies)."""
     import ray
 
+    # "DEFAULT": outside the calling trial's placement group. Tune places each trial driver in a
+    # group that captures what it starts; an actor in it dies when the trial ends and the group
+    # is removed, detached or not (and a task asking for more than the group's bundle is refused
+    # at once: why a profile task started from the trial driver made every trial fail).
     return ray.remote(PretrainRegistry).options(
         name=registry_name(storage_uri), namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_task_retries=-1, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1, num_cpus=0, scheduling_strategy="DEFAULT",
     ).remote()
 
 

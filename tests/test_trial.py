@@ -184,9 +184,13 @@ def test_ray_layers_import_without_cycles():
 
 
 def test_registry_outlives_the_trial_that_created_it(tmp_path, monkeypatch):
-    """The registry is created by a trial driver (an actor) that then dies, as on a dead node: a
-    detached actor keeps its claims; the retried trial reclaims; the sweep's end removes it."""
+    """The registry is created by a trial driver (an actor in a placement group that captures what
+    it starts, as Tune places trials) that then dies and whose group is removed, as on a dead node
+    or at the trial's end: the registry keeps its claims; the retried trial reclaims; the sweep's
+    end removes it."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from orchestrator.trial_driver import OWNER, REGISTRY_NAMESPACE, registry, registry_name, remove_registry
 
@@ -199,9 +203,13 @@ def test_registry_outlives_the_trial_that_created_it(tmp_path, monkeypatch):
             def claim(self, storage_uri: str) -> str:
                 return ray.get(registry(storage_uri).claim.remote("k", "s/t1"))
 
-        trial = TrialDriver.remote()
+        group = placement_group([{"CPU": 0.01}])
+        ray.get(group.ready())
+        trial = TrialDriver.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_capture_child_tasks=True)).remote()
         assert ray.get(trial.claim.remote(uri)) == OWNER
-        ray.kill(trial)  # the process that created the registry is gone
+        ray.kill(trial)  # the process that created the registry is gone, and its group
+        remove_placement_group(group)
         time.sleep(1.0)
         assert ray.get(registry(uri).claim.remote("k", "s/t2")) == "s/t1"  # the claim survived
         assert ray.get(registry(uri).claim.remote("k", "s/t1")) == OWNER  # the retried trial
