@@ -27,13 +27,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.typed_config import coerce, fail, section_from_dict, set_path
 from orchestrator.errors import SpecError
 from orchestrator.metrics import OBJECTIVE_METRICS, PROFILE_METRICS
 from orchestrator.search import RUN_SECTIONS, Param, parse_search
 from orchestrator.yamlio import apply_sets, blame_set, read_yaml_mapping
+
+if TYPE_CHECKING:
+    from orchestrator.train.config import RunConfig
 
 SWEEP_SECTIONS = ("sweep", "search", "resources", "profile", "tracking", "storage")
 TOP_KEYS = (*SWEEP_SECTIONS, *RUN_SECTIONS)
@@ -238,9 +241,9 @@ class Spec:
     """The run-config part (preset/model/data/pretrain/finetune/eval) as plain data."""
     raw: dict[str, Any]
     """The whole spec after ``--set`` overrides, as plain data (logged as an artifact)."""
-    base: Any = None
-    """The run config every trial starts from (an ``orchestrator.train.config.RunConfig``),
-    resolved once when the spec is loaded; ``None`` with ``check_run=False``."""
+    base: RunConfig | None = None
+    """The run config every trial starts from, resolved once when the spec is loaded (the
+    tuner, the preflight and the dry run use it); ``None`` with ``check_run=False``."""
 
     @property
     def objectives(self) -> tuple[Objective, ...]:
@@ -258,7 +261,7 @@ class Spec:
             return copy.deepcopy(self.run)
         return run_preset_dict(self.run, self.source)
 
-    def base_config(self):
+    def base_config(self) -> RunConfig:
         """:attr:`base`, resolving it now for a spec loaded with ``check_run=False``."""
         return self.base if self.base is not None else build_run_config(self.run, {}, source=self.source)
 
