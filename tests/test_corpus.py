@@ -109,7 +109,7 @@ def test_manifest_is_cached_and_rebuilt_when_the_corpus_changes(corpus, tmp_path
     first = load_manifest(root, "dev-clean", cache_dir=cache)
     assert len(calls) == len(expected) and not first.from_cache
     assert Path(first.cache_path).is_file()
-    assert not list(Path(first.cache_path).parent.glob("*.part"))  # written atomically
+    assert not list(Path(first.cache_path).parent.glob(".*.tmp"))  # written atomically
 
     calls.clear()
     second = load_manifest(root, "dev-clean", cache_dir=cache)

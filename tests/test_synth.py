@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from orchestrator.data import espeak, synth
+from orchestrator.data import espeak, synth, synth_plan
 from orchestrator.data.grammar import TRANSCRIPT_RE, Grammar, number_words, vocabulary
 
 TINY = {"train-clean-100": 12, "dev-clean": 4, "test-clean": 4, "test-other": 4}
@@ -99,7 +99,7 @@ def test_audio_is_16k_mono_speech_of_plausible_length(corpus):
         seconds = info.frames / info.samplerate
         assert 1.3 < seconds < 6.6, (path, seconds)
         # eSpeak reads about 14 to 20 characters a second at 175 wpm, scaled by the rate.
-        assert 0.7 < seconds / synth.estimate_seconds(text, rate) < 1.4, (text, rate, seconds)
+        assert 0.7 < seconds / synth_plan.estimate_seconds(text, rate) < 1.4, (text, rate, seconds)
 
 
 def test_speakers_are_held_out_and_dev_test_sentences_not_in_train(corpus):

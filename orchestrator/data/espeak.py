@@ -167,29 +167,28 @@ def variant_sex(variant: str) -> str:
     return "F" if pitch is not None and pitch >= 140 else "M"
 
 
-def check_voice(name: str) -> str:
-    """``name`` if it is a known English voice, else a ValueError listing the known ones."""
-    known = list_voices()
+def _check_name(name: str, known: tuple[str, ...], what: str, choices: str) -> str:
+    """``name`` if ``known`` holds it, else a ValueError with close matches and ``choices``."""
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(
-            f"unknown eSpeak voice {name!r}{hint}: choose from {', '.join(known)}"
-        )
+        raise ValueError(f"unknown {what} {name!r}{hint}: {choices}")
     return name
+
+
+def check_voice(name: str) -> str:
+    """``name`` if it is a known English voice, else a ValueError listing the known ones."""
+    known = list_voices()
+    return _check_name(name, known, "eSpeak voice", f"choose from {', '.join(known)}")
 
 
 def check_variant(name: str) -> str:
     """``name`` if the shipped ``voices/!v`` folder holds it, else a ValueError."""
-    known = list_variants()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(
-            f"unknown eSpeak voice variant {name!r}{hint}: choose one of the files in "
-            f"{data_path() / 'voices' / '!v'}, e.g. {', '.join(DEFAULT_VARIANTS[:6])}"
-        )
-    return name
+    return _check_name(
+        name, list_variants(), "eSpeak voice variant",
+        f"choose one of the files in {data_path() / 'voices' / '!v'}, "
+        f"e.g. {', '.join(DEFAULT_VARIANTS[:6])}",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

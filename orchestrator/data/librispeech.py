@@ -23,6 +23,8 @@ downloaded once into ``<cache_dir>/s3/`` (see ``orchestrator.data.s3``).
 Bad data never crashes a build and is never silent: corrupt, empty or unreadable audio, audio
 without a transcript line, transcript lines without audio, empty and duplicate lines are
 skipped, listed in ``Manifest.skipped`` (path, reason, kind) and summarised in one warning.
+Listing the files (local or S3) and matching transcripts to audio is ``librispeech_files.py``;
+this module builds, caches and filters the manifest, and holds the command line.
 """
 
 from __future__ import annotations
@@ -32,27 +34,27 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import sys
-import tempfile
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.data import s3
-from orchestrator.data.audio import (
-    AUDIO_EXTENSIONS,
-    AudioError,
-    default_cache_dir,
-    load_audio,
-    read_info,
-    s3_cache_dir,
-)
+from orchestrator.data.audio import default_cache_dir, load_audio, s3_cache_dir
 from orchestrator.data.errors import CorpusError
+from orchestrator.data.librispeech_files import (
+    LAYOUT,
+    CorpusFile,
+    Skipped,
+    Source,
+    match_subset,
+    open_source,
+    subset_exists,
+)
 from orchestrator.data.s3 import is_s3_uri, split_s3_uri, upload_directory
 from orchestrator.data.types import Utterance
+from orchestrator.fileio import atomic_write_text
 
 __all__ = [
     "CorpusError",
@@ -70,26 +72,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2  # 2: audio whose last samples do not decode is skipped
-TRANSCRIPT_SUFFIX = ".trans.txt"
-LAYOUT = "<root>/<subset>/<speaker>/<chapter>/<spk>-<chap>-<utt>.flac with <spk>-<chap>.trans.txt"
 MAX_LOGGED_SKIPS = 50
-DOWNLOAD_THREADS = 8
-
-
-@dataclass(frozen=True, kw_only=True)
-class Skipped:
-    """One item left out of a manifest.
-
-    Attributes:
-        path: the audio file, transcript file or folder (local path or ``s3://`` URI).
-        reason: why, for people, e.g. ``"empty file (0 bytes)"``.
-        kind: for counting: ``bad_audio``, ``no_transcript``, ``no_audio``,
-            ``empty_transcript``, ``duplicate``, ``unreadable``.
-    """
-
-    path: str
-    reason: str
-    kind: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,264 +130,17 @@ class Manifest:
         return ", ".join(parts)
 
 
-# -- sources: a local folder or an S3 prefix ---------------------------------------------------
+# -- the manifest cache -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _File:
-    """A corpus file relative to its subset folder; ``error`` is set for unlistable folders."""
-
-    rel: str
-    size: int
-    stamp: str
-    error: str | None = None
-
-
-def _is_corpus_file(name: str) -> bool:
-    low = name.lower()
-    return low.endswith(TRANSCRIPT_SUFFIX) or os.path.splitext(low)[1] in AUDIO_EXTENSIONS
-
-
-class _LocalSource:
-    def __init__(self, root: str | os.PathLike) -> None:
-        path = Path(root).expanduser()
-        if not path.exists():
-            raise CorpusError(
-                f"corpus root {path} does not exist: check the path (expected {LAYOUT})"
-            )
-        if not path.is_dir():
-            raise CorpusError(f"corpus root {path} is not a folder: pass the folder holding the subsets")
-        self.root = path.resolve()
-        self.label = str(self.root)
-        self.identity = f"file|{self.root}"
-
-    def subsets(self) -> list[str]:
-        names = []
-        for child in sorted(self.root.iterdir()):
-            if child.is_dir() and any(True for _ in self._walk(child, first_only=True)):
-                names.append(child.name)
-        return names
-
-    def list_files(self, subset: str) -> list[_File]:
-        folder = self.root / subset
-        return sorted(self._walk(folder), key=lambda f: f.rel) if folder.is_dir() else []
-
-    def _walk(self, top: Path, first_only: bool = False):
-        seen: set[tuple[int, int]] = set()
-        stack = [(top, "")]
-        while stack:
-            folder, rel = stack.pop()
-            try:
-                st = folder.stat()
-                if (st.st_dev, st.st_ino) in seen:  # a symlink cycle
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError as exc:
-                yield _File(rel or ".", -1, "", f"cannot list folder ({exc.strerror or exc})")
-                continue
-            for entry in entries:
-                name = f"{rel}{entry.name}"
-                try:
-                    is_dir = entry.is_dir()
-                except OSError:
-                    is_dir = False
-                if is_dir:
-                    stack.append((Path(entry.path), name + "/"))
-                    continue
-                if not _is_corpus_file(entry.name):
-                    continue
-                try:
-                    st = entry.stat()
-                    yield _File(name, st.st_size, str(st.st_mtime_ns))
-                except OSError:  # e.g. a dangling symlink: reported when its header is read
-                    yield _File(name, -1, "stat-failed")
-                if first_only:
-                    return
-
-    def location(self, subset: str, rel: str) -> str:
-        return str(self.root / subset / rel)
-
-    def materialise(
-        self, subset: str, files: Sequence[_File], cache_dir: Path
-    ) -> dict[str, Path | CorpusError]:
-        return {f.rel: self.root / subset / f.rel for f in files}
-
-
-class _S3Source:
-    def __init__(self, uri: str) -> None:
-        self.bucket, prefix = split_s3_uri(uri)
-        prefix = prefix.strip("/")
-        self.base = f"{prefix}/" if prefix else ""
-        self.label = s3.join_s3_uri(self.bucket, prefix)
-        self.identity = f"s3|{s3.endpoint_url() or 'aws'}|{self.label}"
-        if not s3.prefix_exists(self.bucket, self.base):
-            if not self.base:
-                raise CorpusError(
-                    f"S3 bucket '{self.bucket}' is empty at {s3.describe_endpoint()}: upload the "
-                    f"corpus with `python -m orchestrator.data.librispeech upload LOCAL s3://{self.bucket}/PREFIX`"
-                )
-            raise CorpusError(
-                f"S3 prefix {self.label} does not exist (no objects under it) at "
-                f"{s3.describe_endpoint()}: "
-                f"check the URI, or upload the corpus with `python -m orchestrator.data.librispeech "
-                f"upload LOCAL {self.label}`"
-            )
-
-    def subsets(self) -> list[str]:
-        return s3.list_folders(self.bucket, self.base)
-
-    def list_files(self, subset: str) -> list[_File]:
-        prefix = f"{self.base}{subset}/"
-        files = []
-        for obj in s3.list_objects(self.bucket, prefix):
-            rel = obj.key[len(prefix):]
-            if rel and _is_corpus_file(posixpath.basename(rel)):
-                files.append(_File(rel, obj.size, obj.etag))
-        return sorted(files, key=lambda f: f.rel)
-
-    def location(self, subset: str, rel: str) -> str:
-        return s3.join_s3_uri(self.bucket, f"{self.base}{subset}/{rel}")
-
-    def materialise(
-        self, subset: str, files: Sequence[_File], cache_dir: Path
-    ) -> dict[str, Path | CorpusError]:
-        """Download ``files`` into the cache in parallel (each object once per ETag)."""
-
-        def one(f: _File) -> Path | CorpusError:
-            uri = self.location(subset, f.rel)
-            try:
-                return s3.fetch(uri, cache_dir=cache_dir, etag=f.stamp, size=f.size)
-            except s3.S3NotFoundError as exc:  # deleted since the listing: skip this file only
-                return exc
-
-        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
-            return dict(zip((f.rel for f in files), pool.map(one, files)))
-
-
-def _open(root: str | os.PathLike) -> _LocalSource | _S3Source:
-    return _S3Source(str(root)) if is_s3_uri(str(root)) else _LocalSource(root)
-
-
-# -- building ----------------------------------------------------------------------------------
-
-
-def _speaker(uid: str, rel: str) -> str:
-    parts = rel.split("/")
-    # <speaker>/<chapter>/<file>: the folder is authoritative; else the id's first field.
-    return parts[0] if len(parts) >= 3 else uid.split("-", 1)[0]
-
-
-def _stem(rel: str) -> str:
-    return os.path.splitext(posixpath.basename(rel))[0]
-
-
-def _build(
-    source: _LocalSource | _S3Source, subset: str, files: list[_File], cache_dir: Path
-) -> tuple[list[Utterance], list[Skipped]]:
-    """Match transcripts and audio folder by folder, read audio headers, collect what is bad."""
-    utterances: list[Utterance] = []
-    skipped: list[Skipped] = []
-
-    def skip(path: str, reason: str, kind: str) -> None:
-        skipped.append(Skipped(path=path, reason=reason, kind=kind))
-
-    folders: dict[str, dict[str, list[_File]]] = defaultdict(lambda: {"audio": [], "trans": []})
-    for f in files:
-        if f.error:
-            skip(source.location(subset, f.rel), f.error, "unreadable")
-            continue
-        folder, name = posixpath.split(f.rel)
-        folders[folder]["trans" if name.lower().endswith(TRANSCRIPT_SUFFIX) else "audio"].append(f)
-
-    # 1. Transcripts. Per folder: id -> (text, transcript location, line number); "" = empty line.
-    all_trans = [t for group in folders.values() for t in group["trans"]]
-    local_trans = source.materialise(subset, all_trans, cache_dir)
-    lines: dict[str, dict[str, tuple[str, str, int]]] = {}
-    for folder, group in sorted(folders.items()):
-        found: dict[str, tuple[str, str, int]] = {}
-        for t in group["trans"]:
-            loc = source.location(subset, t.rel)
-            local = local_trans[t.rel]
-            try:
-                if isinstance(local, CorpusError):
-                    raise OSError(str(local))
-                content = local.read_text(encoding="utf-8-sig")
-            except (OSError, UnicodeDecodeError) as exc:
-                skip(loc, f"unreadable transcript file ({exc})", "unreadable")
-                continue
-            for number, line in enumerate(content.splitlines(), start=1):
-                fields = line.split(maxsplit=1)
-                if not fields:
-                    continue
-                uid = fields[0]
-                # Kept as written (the tokenizer owns the vocabulary); only whitespace is normalised.
-                text = " ".join(fields[1].split()) if len(fields) > 1 else ""
-                if uid in found:
-                    _, first_loc, first_number = found[uid]
-                    skip(loc, f"line {number}: duplicate transcript line for {uid} "
-                         f"(first at {first_loc} line {first_number}, which is kept)", "duplicate")
-                    continue
-                found[uid] = (text, loc, number)
-        lines[folder] = found
-
-    # 2. Audio matched to transcript lines in the same folder (no header read yet).
-    wanted: list[_File] = []
-    for folder, group in sorted(folders.items()):
-        found = lines[folder]
-        seen: dict[str, str] = {}
-        for a in group["audio"]:
-            loc, uid = source.location(subset, a.rel), _stem(a.rel)
-            if uid in seen:  # e.g. both x.flac and x.wav
-                skip(loc, f"duplicate audio for {uid} (also {seen[uid]})", "duplicate")
-                continue
-            seen[uid] = loc
-            if uid not in found:
-                names = ", ".join(posixpath.basename(t.rel) for t in group["trans"])
-                names = names or f"no *{TRANSCRIPT_SUFFIX} in its folder"
-                skip(loc, f"no transcript line for {uid} ({names})", "no_transcript")
-            elif not found[uid][0]:
-                skip(loc, f"empty transcript at {found[uid][1]} line {found[uid][2]}", "empty_transcript")
-            else:
-                wanted.append(a)
-        for uid, (_, tloc, number) in found.items():
-            if uid not in seen:
-                skip(tloc, f"line {number}: transcript line for {uid} has no audio file", "no_audio")
-
-    # 3. Headers (for S3: download to the cache first).
-    local_audio = source.materialise(subset, wanted, cache_dir)
-    kept_at: dict[str, str] = {}
-    for a in wanted:
-        loc, uid = source.location(subset, a.rel), _stem(a.rel)
-        if uid in kept_at:  # the same id in two folders: ids must be unique downstream
-            skip(loc, f"duplicate utterance id {uid} (also {kept_at[uid]})", "duplicate")
-            continue
-        local = local_audio[a.rel]
-        try:
-            if isinstance(local, CorpusError):
-                raise AudioError(loc, f"cannot fetch ({local})")
-            info = read_info(local)
-        except AudioError as exc:
-            skip(loc, exc.reason, "bad_audio")
-            continue
-        kept_at[uid] = loc
-        text = lines[posixpath.dirname(a.rel)][uid][0]
-        utterances.append(Utterance(
-            id=uid, path=loc, duration=info.duration, text=text, speaker=_speaker(uid, a.rel)
-        ))
-    utterances.sort(key=lambda u: u.path)
-    skipped.sort(key=lambda s: s.path)
-    return utterances, skipped
-
-
-def _fingerprint(files: list[_File]) -> str:
+def _fingerprint(files: list[CorpusFile]) -> str:
     digest = hashlib.sha256(f"v{MANIFEST_VERSION}\n".encode())
     for f in files:
         digest.update(f"{f.rel}\t{f.size}\t{f.stamp}\t{f.error or ''}\n".encode())
     return digest.hexdigest()
 
 
-def _manifest_path(cache_dir: Path, source: _LocalSource | _S3Source, subset: str) -> Path:
+def _manifest_path(cache_dir: Path, source: Source, subset: str) -> Path:
     digest = hashlib.sha256(f"{source.identity}|{subset}".encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in subset)
     return cache_dir / "manifests" / f"{safe}-{digest}.json"
@@ -438,15 +174,7 @@ def _to_json(data: dict) -> str:
 
 def _write_cache(path: Path, data: dict) -> bool:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(_to_json(data))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, _to_json(data))
     except OSError as exc:
         log.warning(
             "cannot write the manifest cache %s (%s): the manifest will be rebuilt on every load; "
@@ -485,7 +213,7 @@ def _skipped_warning(where: str, skipped: list[Skipped], total: int, cache_path:
 
 def list_subsets(root: str | os.PathLike) -> list[str]:
     """Names of the subsets under ``root`` (local folders holding corpus files, or S3 folders)."""
-    return _open(root).subsets()
+    return open_source(root).subsets()
 
 
 def load_manifest(
@@ -516,14 +244,14 @@ def load_manifest(
     _check_filter(min_duration, max_duration)
     subset = _check_subset(subset)
     cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
-    source = _open(root)
+    source = open_source(root)
     files = source.list_files(subset)
     if not files:
         others = [s for s in source.subsets() if s != subset]
         existing = (
             f"existing subsets: {', '.join(others)}" if others else f"no subsets found (expected {LAYOUT})"
         )
-        problem = "holds no audio or transcript files" if _subset_exists(source, subset) else "not found"
+        problem = "holds no audio or transcript files" if subset_exists(source, subset) else "not found"
         raise CorpusError(f"subset '{subset}' {problem} in {source.label}: {existing}")
 
     fingerprint = _fingerprint(files)
@@ -531,7 +259,7 @@ def load_manifest(
     cached = _read_cache(cache_path, fingerprint)
     from_cache = cached is not None
     if cached is None:
-        utterances, skipped = _build(source, subset, files, s3_cache_dir(cache))
+        utterances, skipped = match_subset(source, subset, files, s3_cache_dir(cache))
         written = _write_cache(cache_path, {
             "version": MANIFEST_VERSION,
             "root": source.label,
@@ -587,12 +315,6 @@ def load_manifest(
         cache_path=saved,
         from_cache=from_cache,
     )
-
-
-def _subset_exists(source: _LocalSource | _S3Source, subset: str) -> bool:
-    if isinstance(source, _LocalSource):
-        return (source.root / subset).is_dir()
-    return s3.prefix_exists(source.bucket, f"{source.base}{subset}/")
 
 
 def upload_corpus(

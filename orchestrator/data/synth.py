@@ -27,7 +27,8 @@ extremes, a higher noise floor). Dev and test sentences never occur in train (no
 else in the corpus: every transcript is unique).
 
 Python API: ``generate_corpus(out, seed=0, sizes={...}, workers=2) -> summary dict``,
-``plan_corpus(...)`` (everything but the audio), ``list_voices()``, ``list_variants()``.
+``plan_corpus(...)`` (everything but the audio, from ``synth_plan.py``), ``list_voices()``,
+``list_variants()``. The audio is rendered by ``synth_render.py``.
 
 Determinism: the same seed and sizes give byte-identical audio, whatever ``--workers``, with
 the same library versions (eSpeak NG data, torch's float kernels, libFLAC). The
@@ -47,398 +48,27 @@ or anything that is not a generated corpus, is refused.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
-import math
-import multiprocessing
 import os
-import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from orchestrator.data import espeak
-from orchestrator.data.espeak import SpeakerSpec, list_variants, list_voices
-from orchestrator.data.grammar import TRANSCRIPT_RE, Grammar, Sentence, vocabulary
+from orchestrator.data.espeak import list_variants, list_voices
+from orchestrator.data.grammar import vocabulary
+from orchestrator.data.synth_plan import GENERATOR_VERSION, SAMPLE_RATE, SUBSETS, plan_corpus
+from orchestrator.data.synth_render import finished_shard, run_shards
+from orchestrator.fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["SUBSETS", "generate_corpus", "list_voices", "list_variants", "plan_corpus", "main"]
 
-GENERATOR_VERSION = 1
-SAMPLE_RATE = 16000
 METADATA = "corpus.json"
-STATE_DIR = ".synth"
-# Target utterance length (seconds, silence padding included); the sentence whose estimated
-# duration is nearest a uniform draw in this range is kept.
-TARGET_SECONDS = (1.8, 5.3)
-ALLOWED_ESTIMATE = (1.7, 5.5)
-PAD_SECONDS = (0.05, 0.25)  # leading and trailing silence, each
-LEVEL_DBFS = (-30.0, -18.0)  # speech RMS level
 
-
-@dataclass(frozen=True)
-class Subset:
-    """How one subset is made.
-
-    Attributes:
-        name: LibriSpeech subset name (also the folder name).
-        flag: the CLI option that sizes it.
-        default_size: utterances by default.
-        per_speaker: utterances per speaker (the number of speakers follows from the size).
-        rates: speaking rates (wpm) its speakers are drawn from.
-        pitches: base pitches its speakers are drawn from.
-        noise_dbfs: range of the white-noise floor level (dB full scale RMS).
-    """
-
-    name: str
-    flag: str
-    default_size: int
-    per_speaker: int
-    rates: tuple[int, ...]
-    pitches: tuple[int, ...]
-    noise_dbfs: tuple[float, float]
-
-
-_CLEAN_RATES = tuple(range(140, 201, 5))
-_CLEAN_PITCHES = tuple(range(35, 66, 5))
-_OTHER_RATES = tuple(range(205, 251, 5))
-_OTHER_PITCHES = (15, 20, 25, 30, 70, 75, 80, 85)
-SUBSETS = (
-    Subset("train-clean-100", "--train", 3000, 30, _CLEAN_RATES, _CLEAN_PITCHES, (-70, -55)),
-    Subset("dev-clean", "--dev", 200, 20, _CLEAN_RATES, _CLEAN_PITCHES, (-70, -55)),
-    Subset("test-clean", "--test", 200, 20, _CLEAN_RATES, _CLEAN_PITCHES, (-70, -55)),
-    Subset("test-other", "--test-other", 200, 20, _OTHER_RATES, _OTHER_PITCHES, (-50, -40)),
-)
-_SUBSET = {s.name: s for s in SUBSETS}
-
-
-# --- plan ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UtterancePlan:
-    """One utterance: its id, transcript, the text eSpeak reads and its synthesis seed."""
-
-    id: str
-    transcript: str
-    spoken: str
-    seed: int
-
-
-@dataclass(frozen=True)
-class Chapter:
-    """One chapter: a folder of utterances with one transcript file."""
-
-    id: int
-    utterances: tuple[UtterancePlan, ...]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One speaker (its chapters): the unit of work, of resumption and of a fresh process."""
-
-    subset: str
-    speaker_id: int
-    speaker: SpeakerSpec
-    chapters: tuple[Chapter, ...]
-    noise_dbfs: tuple[float, float]
-
-    @property
-    def utterances(self) -> tuple[UtterancePlan, ...]:
-        return tuple(u for c in self.chapters for u in c.utterances)
-
-    def chapter_dir(self, out: Path, chapter: Chapter) -> Path:
-        return out / self.subset / str(self.speaker_id) / str(chapter.id)
-
-    def transcript_path(self, out: Path, chapter: Chapter) -> Path:
-        return self.chapter_dir(out, chapter) / f"{self.speaker_id}-{chapter.id}.trans.txt"
-
-    def marker(self, out: Path) -> Path:
-        return out / STATE_DIR / "done" / self.subset / f"{self.speaker_id}.json"
-
-
-def estimate_seconds(transcript: str, rate: int) -> float:
-    """Expected length of the rendered utterance (speech plus padding) in seconds.
-
-    Fitted on eSpeak NG 1.52 over all default voices and variants (relative error sd ~8%).
-    """
-    speech = 0.19 + 0.0478 * len(transcript) * 175.0 / rate
-    return speech + sum(PAD_SECONDS)
-
-
-def _utterance_seed(seed: int, utt_id: str) -> int:
-    digest = hashlib.sha256(f"synth-v{GENERATOR_VERSION}/{seed}/{utt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def _rng(seed: int, *names: str) -> random.Random:
-    # str seeds are hashed with SHA-512 by random.seed: stable across runs and platforms.
-    return random.Random("/".join([f"synth-v{GENERATOR_VERSION}", str(seed), *names]))
-
-
-def _join(first: Sentence, second: Sentence, rng: random.Random) -> Sentence:
-    connector = rng.choice(["and", "but", "so", "then", "and then", "while"])
-    return Sentence(words=first.words + tuple(connector.split()) + second.words,
-                    question=second.question)
-
-
-def _pick_sentence(grammar: Grammar, rng: random.Random, rate: int, used: set[str]) -> Sentence:
-    """A new sentence whose estimated length is near a random target for this speaker's rate."""
-    target = rng.uniform(*TARGET_SECONDS)
-    best, best_err = None, math.inf
-    for _ in range(24):
-        sentence = grammar.sentence()
-        while (not sentence.question and estimate_seconds(sentence.transcript, rate) < target - 0.8
-               and len(sentence.words) < 28):
-            sentence = _join(sentence, grammar.sentence(), rng)
-        est = estimate_seconds(sentence.transcript, rate)
-        if sentence.transcript in used or not ALLOWED_ESTIMATE[0] <= est <= ALLOWED_ESTIMATE[1]:
-            continue
-        if abs(est - target) < best_err:
-            best, best_err = sentence, abs(est - target)
-        if best_err < 0.3:
-            break
-    if best is None:
-        raise RuntimeError(f"the grammar gave no new sentence of {target:.1f} s at {rate} wpm")
-    return best
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (i < extra) for i in range(parts)]
-
-
-def plan_corpus(*, seed: int, sizes: Mapping[str, int], voices: Sequence[str],
-                variants: Sequence[str]) -> list[Shard]:
-    """Draw speakers, chapters and sentences: the whole corpus but its audio.
-
-    Args:
-        seed: corpus seed.
-        sizes: utterances per subset name (see ``SUBSETS``); 0 leaves a subset out.
-        voices: validated English voices speakers are drawn from.
-        variants: validated voice variants speakers are drawn from.
-
-    Returns:
-        One shard per speaker, in a fixed order (subsets as in ``SUBSETS``, then speakers).
-    """
-    rng = _rng(seed, "speakers")
-    active = [s for s in SUBSETS if sizes.get(s.name, 0) > 0]
-    counts = {s.name: min(sizes[s.name], math.ceil(sizes[s.name] / s.per_speaker)) for s in active}
-
-    # Speakers: distinct (voice, variant, rate, pitch) combinations, none shared by two subsets.
-    specs: dict[str, list[SpeakerSpec]] = {}
-    taken: set[SpeakerSpec] = set()
-    for subset in active:
-        pool = (len(voices), len(variants), len(subset.rates), len(subset.pitches))
-        pool_size = math.prod(pool)
-        free = pool_size - sum(1 for t in taken if t.rate in subset.rates
-                               and t.pitch in subset.pitches)
-        if counts[subset.name] > free:
-            raise ValueError(
-                f"{subset.name} needs {counts[subset.name]} distinct speakers but the "
-                f"{len(voices)} voices x {len(variants)} variants allow {free} more: "
-                f"add voices or variants, or lower {subset.flag}"
-            )
-        chosen: list[SpeakerSpec] = []
-        while len(chosen) < counts[subset.name]:
-            index = rng.randrange(pool_size)
-            i_voice, rest = divmod(index, pool[1] * pool[2] * pool[3])
-            i_variant, rest = divmod(rest, pool[2] * pool[3])
-            i_rate, i_pitch = divmod(rest, pool[3])
-            spec = SpeakerSpec(voice=voices[i_voice], variant=variants[i_variant],
-                               rate=subset.rates[i_rate], pitch=subset.pitches[i_pitch])
-            if spec not in taken:
-                taken.add(spec)
-                chosen.append(spec)
-        specs[subset.name] = chosen
-
-    n_speakers = sum(counts.values())
-    # LibriSpeech's speaker ids have 2 to 4 digits; very large corpora get 5.
-    speaker_ids = rng.sample(range(10, 10000 if n_speakers <= 5000 else 100000), n_speakers)
-    # Chapters: one or two per speaker (speakers with few utterances read one).
-    layout: list[tuple[Subset, SpeakerSpec, int, list[int]]] = []
-    for subset in active:
-        per_speaker = _split(sizes[subset.name], counts[subset.name])
-        for spec, n_utts in zip(specs[subset.name], per_speaker):
-            n_chapters = 1 if n_utts < 16 else rng.choice((1, 2))
-            layout.append((subset, spec, speaker_ids[len(layout)], _split(n_utts, n_chapters)))
-    chapter_ids = iter(rng.sample(range(100, 300000), sum(len(c) for *_, c in layout)))
-
-    grammar_rngs = {s.name: _rng(seed, s.name, "text") for s in active}
-    grammars = {name: Grammar(r) for name, r in grammar_rngs.items()}
-    used: set[str] = set()  # transcripts so far: train first, so dev/test never repeat train
-    shards = []
-    for subset, spec, speaker_id, chapter_sizes in layout:
-        chapters = []
-        for n_utts in chapter_sizes:
-            chapter_id = next(chapter_ids)
-            utts = []
-            for i in range(n_utts):
-                sentence = _pick_sentence(grammars[subset.name], grammar_rngs[subset.name],
-                                          spec.rate, used)
-                if not TRANSCRIPT_RE.match(sentence.transcript):
-                    raise RuntimeError(f"grammar bug: {sentence.transcript!r} is not in "
-                                       "LibriSpeech's alphabet")
-                used.add(sentence.transcript)
-                utt_id = f"{speaker_id}-{chapter_id}-{i:04d}"
-                utts.append(UtterancePlan(id=utt_id, transcript=sentence.transcript,
-                                          spoken=sentence.spoken,
-                                          seed=_utterance_seed(seed, utt_id)))
-            chapters.append(Chapter(id=chapter_id, utterances=tuple(utts)))
-        shards.append(Shard(subset=subset.name, speaker_id=speaker_id, speaker=spec,
-                            chapters=tuple(chapters), noise_dbfs=subset.noise_dbfs))
-    return shards
-
-
-# --- files --------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-@functools.cache
-def _resampler(orig_rate: int):
-    """torchaudio's sinc resampler to 16 kHz with its kernel built once per process.
-
-    ``transforms.Resample`` runs ``torchaudio.functional.resample``'s algorithm; building the
-    441 x 320 phase kernel on every call would cost twice the filtering itself.
-    """
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig_rate, SAMPLE_RATE)
-
-
-def _render(raw: np.ndarray, sample_rate: int, seed: int,
-            noise_dbfs: tuple[float, float]) -> np.ndarray:
-    """eSpeak's int16 samples -> 16 kHz int16 with a level, silence padding and a noise floor.
-
-    Runs single-threaded, so the float arithmetic (hence the output) is reproducible.
-    """
-    import torch
-
-    if raw.size == 0:
-        raise RuntimeError("eSpeak returned no audio")
-    rng = np.random.default_rng(seed)
-    with torch.inference_mode():
-        y = _resampler(sample_rate)(torch.from_numpy(raw.astype(np.float32) / 32768.0)).numpy()
-    rms = float(np.sqrt(np.mean(np.square(y, dtype=np.float64)))) + 1e-9
-    peak = float(np.abs(y).max()) + 1e-9
-    gain = min(10 ** (rng.uniform(*LEVEL_DBFS) / 20) / rms, 0.9 / peak)
-    lead, trail = (int(s * SAMPLE_RATE) for s in rng.uniform(*PAD_SECONDS, size=2))
-    out = np.zeros(lead + y.size + trail, np.float32)
-    out[lead:lead + y.size] = y * np.float32(gain)
-    # White noise floor; uniform on [-a, a] has RMS a / sqrt(3).
-    a = np.float32(10 ** (rng.uniform(*noise_dbfs) / 20) * math.sqrt(3))
-    out += (rng.random(out.size, dtype=np.float32) * 2 - 1) * a
-    return np.clip(np.round(out * 32767.0), -32768, 32767).astype(np.int16)
-
-
-def _synth_shard(args: tuple[str, Shard, str]) -> tuple[str, int, dict, float]:
-    """Synthesise one shard (in a fresh worker process) and write its files and marker.
-
-    Returns:
-        The subset, the speaker id, samples per utterance id and this process's CPU seconds.
-    """
-    out_str, shard, fingerprint = args
-    try:
-        return _synth_shard_unchecked(Path(out_str), shard, fingerprint)
-    except OSError:
-        raise
-    except Exception as exc:  # one line for people, raised again in the parent
-        raise RuntimeError(f"synthesis of speaker {shard.speaker_id} ({shard.subset}, "
-                           f"{shard.speaker.espeak_name}) failed: {type(exc).__name__}: {exc}"
-                           ) from None
-
-
-_DONE_COUNTER = None  # a shared count of synthesised utterances, set in each worker by _worker_init
-
-
-def _synth_shard_unchecked(out: Path, shard: Shard, fingerprint: str):
-    import soundfile as sf
-    import torch
-
-    torch.set_num_threads(1)
-    # oneDNN builds a new convolution plan for every input length (about 4 ms each, and
-    # every utterance has its own length); the native kernel needs no plan.
-    torch.backends.mkldnn.enabled = False
-    engine = espeak.Engine()
-    samples = {}
-    for chapter in shard.chapters:
-        folder = shard.chapter_dir(out, chapter)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by an interrupted run
-            stale.unlink()
-        for utt in chapter.utterances:
-            raw = engine.synthesize(utt.spoken, shard.speaker, seed=utt.seed)
-            audio = _render(raw, engine.sample_rate, utt.seed, shard.noise_dbfs)
-            path = folder / f"{utt.id}.flac"
-            tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-            # Level 0: the fastest encoder, files within 1% of the default level's size.
-            sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16",
-                     compression_level=0.0)
-            os.replace(tmp, path)
-            samples[utt.id] = int(audio.size)
-            if _DONE_COUNTER is not None:  # progress per utterance, not per (long) shard
-                with _DONE_COUNTER.get_lock():
-                    _DONE_COUNTER.value += 1
-        lines = "".join(f"{u.id} {u.transcript}\n" for u in chapter.utterances)
-        _write_atomic(shard.transcript_path(out, chapter), lines.encode())
-    marker = {"fingerprint": fingerprint, "samples": samples}
-    shard.marker(out).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(shard.marker(out), marker)
-    # CPU seconds of this process since its fork (its start-up included).
-    return shard.subset, shard.speaker_id, samples, time.process_time()
-
-
-def _worker_init(counter=None) -> None:
-    """Pool initializer: count utterances in ``counter``, leave interrupts to the parent, and
-    die with the process server.
-
-    On Ctrl-C the parent terminates the pool (a half-written shard has no marker and is
-    redone on the next run); workers that also raised KeyboardInterrupt would only print
-    tracebacks. If the parent is killed outright, the forkserver exits and Linux sends each
-    worker SIGTERM (PR_SET_PDEATHSIG) instead of letting it finish a shard nobody waits for.
-    """
-    global _DONE_COUNTER
-    _DONE_COUNTER = counter
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-
-def _finished(out: Path, shard: Shard, fingerprint: str) -> dict | None:
-    """The shard's samples per utterance if its marker and files exist, else None."""
-    try:
-        marker = json.loads(shard.marker(out).read_text())
-    except (OSError, ValueError):
-        return None
-    if marker.get("fingerprint") != fingerprint:
-        return None
-    for chapter in shard.chapters:
-        folder = shard.chapter_dir(out, chapter)
-        if not shard.transcript_path(out, chapter).exists():
-            return None
-        if any(not (folder / f"{u.id}.flac").exists() for u in chapter.utterances):
-            return None
-    return marker["samples"]
-
-
-# --- corpus -------------------------------------------------------------------------------
 
 
 def _config(seed: int, sizes: Mapping[str, int], voices: Sequence[str],
@@ -494,7 +124,7 @@ def _claim_folder(out: Path, config: dict) -> None:
         raise ValueError(f"--out {out} is not empty and holds no {METADATA} (not a generated "
                          "corpus): choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(meta_path, {"config": config, "complete": False})
+    atomic_write_json(meta_path, {"config": config, "complete": False})
 
 
 def _default_workers() -> int:
@@ -507,10 +137,10 @@ def _default_workers() -> int:
 def _validate_sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
     if sizes is None:
         return {s.name: s.default_size for s in SUBSETS}
-    unknown = set(sizes) - set(_SUBSET)
+    names = [s.name for s in SUBSETS]
+    unknown = set(sizes) - set(names)
     if unknown:
-        raise ValueError(f"unknown subset(s) {sorted(unknown)} in sizes: use "
-                         f"{', '.join(_SUBSET)}")
+        raise ValueError(f"unknown subset(s) {sorted(unknown)} in sizes: use {', '.join(names)}")
     out = {}
     for s in SUBSETS:
         n = sizes.get(s.name, 0)
@@ -588,7 +218,7 @@ def generate_corpus(out: str | os.PathLike, *, seed: int = 0,
     done: dict[str, dict] = {}
     pending = []
     for shard in shards:
-        samples = _finished(out, shard, fingerprint)
+        samples = finished_shard(out, shard, fingerprint)
         if samples is None:
             pending.append(shard)
         else:
@@ -596,7 +226,8 @@ def generate_corpus(out: str | os.PathLike, *, seed: int = 0,
     skipped = len(done)
     generated, cpu_seconds = 0, 0.0
     if pending:
-        generated, cpu_seconds = _run_shards(out, pending, fingerprint, workers, progress, done)
+        meter = _Progress(sum(len(s.utterances) for s in pending), enabled=progress)
+        generated, cpu_seconds = run_shards(out, pending, fingerprint, workers, meter, done)
 
     # Metadata, from the plan and the markers only: identical for identical corpora.
     n_samples = {k: sum(v.values()) for k, v in done.items()}
@@ -634,8 +265,8 @@ def generate_corpus(out: str | os.PathLike, *, seed: int = 0,
                              "mean": round(sum(durations) / len(durations), 3)},
         "speakers": speakers,
     }
-    _write_json(out / METADATA, meta)
-    _write_atomic(out / "SPEAKERS.TXT", _speakers_txt(speakers, minutes).encode())
+    atomic_write_json(out / METADATA, meta)
+    atomic_write_text(out / "SPEAKERS.TXT", _speakers_txt(speakers, minutes))
     seconds = time.perf_counter() - start
     return {
         "out": str(out),
@@ -650,47 +281,6 @@ def generate_corpus(out: str | os.PathLike, *, seed: int = 0,
         "audio_hours": round(sum(hours.values()), 4),
         "hours": {k: round(v, 4) for k, v in hours.items()},
     }
-
-
-def _run_shards(out: Path, pending: list[Shard], fingerprint: str, workers: int,
-                progress: bool, done: dict[str, dict]) -> tuple[int, float]:
-    """Synthesise ``pending`` shards, each in a fresh process; fill ``done``.
-
-    Returns:
-        The utterances synthesised and the worker processes' CPU seconds.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    # forkserver: each task gets a new process forked from a clean server that has imported
-    # and exercised torch once (a start costs milliseconds, not seconds) and never loaded
-    # eSpeak; spawn where there is no forkserver (Windows). "__main__" is the forkserver's
-    # default preload. This module itself is not preloaded: under
-    # `python -m orchestrator.data.synth` every child re-runs it as __mp_main__, and runpy
-    # warns when it is already imported.
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["__main__", "orchestrator.data._synth_forkserver",
-                                    "orchestrator.data.espeak", "orchestrator.data.grammar"])
-    total = sum(len(s.utterances) for s in pending)
-    generated, cpu_seconds = 0, 0.0
-    tasks = [(str(out), shard, fingerprint) for shard in pending]
-    counter = ctx.Value("q", 0)
-    meter = _Progress(total, enabled=progress)
-    with ctx.Pool(processes=min(workers, len(pending)), initializer=_worker_init, initargs=(counter,),
-                  maxtasksperchild=1) as pool:
-        results = pool.imap_unordered(_synth_shard, tasks)
-        for _ in range(len(tasks)):
-            while True:  # wake up now and then to report progress inside long shards
-                try:
-                    subset, speaker_id, samples, cpu = results.next(timeout=meter.every_s)
-                    break
-                except multiprocessing.TimeoutError:
-                    meter.update(counter.value)
-            done[f"{subset}/{speaker_id}"] = samples
-            cpu_seconds += cpu
-            generated += len(samples)
-            meter.update(max(generated, counter.value))
-    meter.update(generated, final=True)
-    return generated, cpu_seconds
 
 
 PROGRESS_EVERY_S = 5.0
