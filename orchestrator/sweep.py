@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.errors import cli_main, configure_logging
+from orchestrator.errors import UserError, cli_main, configure_logging
+from orchestrator.yamlio import blame_set
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(spec)
             return 0
-        return run_sweep(spec, address=args.address, resume=args.resume, argv=sys.argv)
+        try:
+            return run_sweep(spec, address=args.address, resume=args.resume, argv=sys.argv)
+        except UserError as err:  # a service or resource a --set named: name the --set
+            raise blame_set(err, spec.source, overrides) from None
 
     return cli_main(body)
 

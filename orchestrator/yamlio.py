@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from models.typed_config import ConfigError, set_path
+from models.typed_config import ConfigError, UserError, set_path
 
 
 class Loader(yaml.SafeLoader):
@@ -124,22 +124,23 @@ def apply_sets(data: dict[str, Any], overrides: Sequence[str], *, example: str =
     return data
 
 
-def blame_set(err: ConfigError, source: str, overrides: Sequence[str]) -> ConfigError:
+def blame_set(err: UserError, source: str, overrides: Sequence[str]) -> UserError:
     """``err`` (about ``source``) named after the ``--set`` that wrote its key, when one did.
 
     ``spec.yaml: sweep.num_trials: must be >= 1`` after ``--set sweep.num_trials=0`` becomes
-    ``--set sweep.num_trials=0: sweep.num_trials: must be >= 1``; an error about a key no
-    ``--set`` touched keeps naming the file.
+    ``--set sweep.num_trials=0: sweep.num_trials: must be >= 1`` (also ``spec.yaml:
+    resources.workers=9: ...`` from the preflight); an error about a key no ``--set`` touched
+    keeps naming the file. The error keeps its class.
     """
     message = str(err)
     if not message.startswith(f"{source}: "):
         return err
     rest = message[len(source) + 2:]
-    key = rest.split(": ", 1)[0]
+    key = rest.split(": ", 1)[0].split("=", 1)[0]
     for text in reversed(overrides):
         written = str(text).partition("=")[0].strip()
         inside = key == written or key.startswith((f"{written}.", f"{written}["))
         above = written.startswith(f"{key}.") and written[len(key) + 1:] in rest
         if inside or above:
-            return ConfigError(f"--set {text}: {rest}")
+            return type(err)(f"--set {text}: {rest}")
     return err

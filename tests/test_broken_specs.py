@@ -170,6 +170,8 @@ def test_impossible_resources_refused_before_the_corpus(tmp_path):
     assert time.monotonic() - start < 60
     assert not (tmp_path / "synth").exists(), "the corpus was generated before the resources were checked"
     assert not (tmp_path / "runs").exists()
+    line = one_error_line(sweep_cli(tmp_path, str(path), "--set", "resources.workers=64", "--set", "resources.gpus_per_worker=0"))
+    assert line.startswith("error: --set resources.workers=64: resources.workers=64: this machine fits "), line
 
 
 def test_resources_against_cluster_nodes(tmp_path):
