@@ -58,41 +58,39 @@ golden silver wooden narrow wide tall short famous honest proud careful lonely a
 beautiful dusty wet sharp simple curious patient busy sleepy brave kind wild silent yellow
 """.split()
 
-# (base, third person singular, past)
-TRANSITIVE_VERBS = [
-    ("carry", "carries", "carried"), ("find", "finds", "found"), ("take", "takes", "took"),
-    ("bring", "brings", "brought"), ("see", "sees", "saw"), ("hold", "holds", "held"),
-    ("open", "opens", "opened"), ("close", "closes", "closed"), ("sell", "sells", "sold"),
-    ("buy", "buys", "bought"), ("paint", "paints", "painted"), ("build", "builds", "built"),
-    ("watch", "watches", "watched"), ("follow", "follows", "followed"),
-    ("leave", "leaves", "left"), ("lose", "loses", "lost"), ("hide", "hides", "hid"),
-    ("drop", "drops", "dropped"), ("lift", "lifts", "lifted"), ("push", "pushes", "pushed"),
-    ("pull", "pulls", "pulled"), ("wash", "washes", "washed"), ("clean", "cleans", "cleaned"),
-    ("fix", "fixes", "fixed"), ("mend", "mends", "mended"), ("count", "counts", "counted"),
-    ("draw", "draws", "drew"), ("keep", "keeps", "kept"), ("send", "sends", "sent"),
-    ("throw", "throws", "threw"), ("catch", "catches", "caught"),
-    ("visit", "visits", "visited"), ("show", "shows", "showed"), ("hear", "hears", "heard"),
-    ("want", "wants", "wanted"), ("need", "needs", "needed"), ("like", "likes", "liked"),
-    ("remember", "remembers", "remembered"), ("forget", "forgets", "forgot"),
-    ("borrow", "borrows", "borrowed"), ("steal", "steals", "stole"),
-    ("cover", "covers", "covered"), ("fill", "fills", "filled"), ("break", "breaks", "broke"),
-    ("choose", "chooses", "chose"), ("describe", "describes", "described"),
-    ("answer", "answers", "answered"), ("guard", "guards", "guarded"),
-    ("feed", "feeds", "fed"), ("meet", "meets", "met"),
-]
 
-# (base, third person singular, past)
-INTRANSITIVE_VERBS = [
-    ("walk", "walks", "walked"), ("run", "runs", "ran"), ("sleep", "sleeps", "slept"),
-    ("wait", "waits", "waited"), ("sing", "sings", "sang"), ("laugh", "laughs", "laughed"),
-    ("cry", "cries", "cried"), ("smile", "smiles", "smiled"), ("dance", "dances", "danced"),
-    ("arrive", "arrives", "arrived"), ("return", "returns", "returned"),
-    ("rest", "rests", "rested"), ("work", "works", "worked"), ("listen", "listens", "listened"),
-    ("shout", "shouts", "shouted"), ("whisper", "whispers", "whispered"),
-    ("wander", "wanders", "wandered"), ("stay", "stays", "stayed"), ("sit", "sits", "sat"),
-    ("stand", "stands", "stood"), ("fall", "falls", "fell"), ("swim", "swims", "swam"),
-    ("hurry", "hurries", "hurried"), ("pray", "prays", "prayed"),
-]
+def _verb_forms(table: str) -> list[tuple[str, str, str]]:
+    """``"carry carries carried, find finds found"`` -> (base, 3rd person singular, past)."""
+    forms = [tuple(item.split()) for item in table.split(",")]
+    bad = [f for f in forms if len(f) != 3]
+    if bad:
+        raise ValueError(f"verb table entries {bad} need three forms: base, third person, past")
+    return forms  # type: ignore[return-value]
+
+
+TRANSITIVE_VERBS = _verb_forms("""
+carry carries carried, find finds found, take takes took, bring brings brought, see sees saw,
+hold holds held, open opens opened, close closes closed, sell sells sold, buy buys bought,
+paint paints painted, build builds built, watch watches watched, follow follows followed,
+leave leaves left, lose loses lost, hide hides hid, drop drops dropped, lift lifts lifted,
+push pushes pushed, pull pulls pulled, wash washes washed, clean cleans cleaned,
+fix fixes fixed, mend mends mended, count counts counted, draw draws drew, keep keeps kept,
+send sends sent, throw throws threw, catch catches caught, visit visits visited,
+show shows showed, hear hears heard, want wants wanted, need needs needed, like likes liked,
+remember remembers remembered, forget forgets forgot, borrow borrows borrowed,
+steal steals stole, cover covers covered, fill fills filled, break breaks broke,
+choose chooses chose, describe describes described, answer answers answered,
+guard guards guarded, feed feeds fed, meet meets met
+""")
+
+INTRANSITIVE_VERBS = _verb_forms("""
+walk walks walked, run runs ran, sleep sleeps slept, wait waits waited, sing sings sang,
+laugh laughs laughed, cry cries cried, smile smiles smiled, dance dances danced,
+arrive arrives arrived, return returns returned, rest rests rested, work works worked,
+listen listens listened, shout shouts shouted, whisper whispers whispered,
+wander wanders wandered, stay stays stayed, sit sits sat, stand stands stood, fall falls fell,
+swim swims swam, hurry hurries hurried, pray prays prayed
+""")
 
 PREPOSITIONS = """
 in near behind under beside across through along inside outside above below beyond toward

@@ -24,8 +24,10 @@ from orchestrator.data.errors import CorpusError
 from orchestrator.data.s3 import is_s3_uri, split_s3_uri
 from orchestrator.data.types import Utterance
 
-__all__ = ["CorpusFile", "LocalSource", "S3Source", "Skipped", "Source", "match_subset", "open_source",
-           "subset_exists"]
+__all__ = [
+    "CorpusFile", "LocalSource", "S3Source", "Skipped", "Source", "match_subset", "open_source",
+    "subset_exists",
+]
 
 TRANSCRIPT_SUFFIX = ".trans.txt"
 LAYOUT = "<root>/<subset>/<speaker>/<chapter>/<spk>-<chap>-<utt>.flac with <spk>-<chap>.trans.txt"

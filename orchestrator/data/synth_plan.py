@@ -21,7 +21,9 @@ from typing import Mapping, Sequence
 from orchestrator.data.espeak import SpeakerSpec
 from orchestrator.data.grammar import TRANSCRIPT_RE, Grammar, Sentence
 
-__all__ = ["SUBSETS", "Chapter", "Shard", "Subset", "UtterancePlan", "estimate_seconds", "plan_corpus"]
+__all__ = [
+    "SUBSETS", "Chapter", "Shard", "Subset", "UtterancePlan", "estimate_seconds", "plan_corpus",
+]
 
 GENERATOR_VERSION = 1
 SAMPLE_RATE = 16000
