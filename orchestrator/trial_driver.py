@@ -327,7 +327,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
                                          output_dir=str(storage.local(run_rel)))
         run_plain = config_obj.to_dict()
         run_plain.pop("output_dir", None)  # each stage sets its own folder on the worker's node
-        _log_trial_params(tracker, run_id, params, config_obj)
+        _log_trial_params(tracker, run_id, params, config_obj, trial_key)
         param_count = float(_param_count(config_obj))
         tracker.log_metrics(run_id, {"params": param_count})  # known now: a trial ASHA stops keeps it too
 
@@ -425,11 +425,13 @@ def _param_count(config) -> int:
     return int(counts.get("total", sum(v for k, v in counts.items() if k != "total")))
 
 
-def _log_trial_params(tracker, run_id: str, params: dict[str, Any], config) -> None:
+def _log_trial_params(tracker, run_id: str, params: dict[str, Any], config, trial_key: str) -> None:
     from models.config import plan_label
+    from orchestrator.tracking import trial_run_name
 
     plain = config.to_dict()
     plain.pop("output_dir", None)
     tracker.log_params(run_id, {"sampled": params})
     tracker.log_params(run_id, {"config": plain})
     tracker.set_tags(run_id, {"layer_plan": plan_label(config.model.encoder.layers)})
+    tracker.set_run_name(run_id, trial_run_name(plan_label(config.model.encoder.layers), trial_key))

@@ -331,7 +331,13 @@ def trial_worker(plain: dict[str, Any]) -> None:
 
     started = time.time()
     final: dict[str, float] = dict(latest)
+    # Greedy per-utterance dev records (eval/<dev subset>.tsv) for the report's paired tests;
+    # the test evaluation runs second, so its results.json is the one kept.
+    greedy = dataclasses.replace(config, eval=dataclasses.replace(config.eval, decoder="greedy"))
+    evaluate_run(greedy, subsets=tuple(config.data.dev_subsets))
     final.update(flatten_eval(evaluate_run(config)))
+    if me.tracker is not None:  # the report reads them from MLflow alone
+        me.tracker.log_eval_records(cfg.run_id, Path(config.output_dir) / "eval")
     times["time/eval_s"] = time.time() - started
     me.log({**final, "time/eval_s": times["time/eval_s"]}, step=int(result.get("step", 0)))
 

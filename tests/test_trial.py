@@ -266,6 +266,8 @@ def test_one_worker_runs_every_stage_and_logs_the_time_breakdown(small_corpus, t
     assert logged["time/pretrain_s"] > 0 and logged["time/finetune_s"] > 0 and logged["time/eval_s"] > 0
     assert first["encoder_peak_mem_mb"] >= 0 and "test_wer" in first and math.isfinite(first["dev_wer"])
     assert [m.step for m in tracker.client.get_metric_history(first_id, "pretrain/loss")] == [1, 2, 3, 4]
+    # per-utterance dev and test records for the report's paired bootstrap, in MLflow
+    assert {a.path for a in tracker.client.list_artifacts(first_id, "eval")} >= {"eval/dev-clean.tsv", "eval/test-clean.tsv"}
 
     second_id, second = run_trial("t2")
     assert second["time/pretrain_s"] == 0.0
