@@ -31,6 +31,9 @@ class SweepError(UserError, RuntimeError):
     """The sweep cannot start or resume (no such sweep to resume, Ray unreachable, too few resources)."""
 
 
+NOISY_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "filelock")
+
+
 def configure_logging(*, quiet: bool = False) -> None:
     """The one logging set-up of every CLI: ``time level name: message`` lines on stderr."""
     logging.basicConfig(
@@ -38,6 +41,10 @@ def configure_logging(*, quiet: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Libraries that log routine INFO lines of their own (botocore: "Found credentials in
+    # environment variables") speak only when something is wrong: an error stays one line.
+    for name in NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def one_line(text: object) -> str:

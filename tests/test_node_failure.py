@@ -5,8 +5,8 @@ the sweep CLI connected to it with ``--address``, a real MLflow SQLite store, re
 micro model on the generated corpus.
 
 1. A worker node dies (``test_worker_node_killed_during_pretraining``). The head has no CPU, so
-   the Ray Train worker (1 CPU) runs on the worker node, which joins only once the trial driver
-   (no CPU: it only waits) runs on the head and has claimed the pre-training. The trial driver,
+   the Ray Train worker (1 CPU) runs on the worker node; the trial driver (no CPU: it only waits)
+   asks for a custom resource (``resources.driver``) only the head has. The trial driver,
    its Train controller (pinned to the driver's node by Ray Train) and the pre-training registry
    live on the head; the killed node holds the Train worker alone. Ray Train
    (``FailureConfig`` from ``sweep.max_failures``) restarts the worker group on a fresh node; the
@@ -114,7 +114,7 @@ def _wait(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: floa
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
-def _run_sweep_with_a_node_kill(small_corpus, tmp_path, monkeypatch, *, name: str, node: dict, head_joins_alone: bool,
+def _run_sweep_with_a_node_kill(small_corpus, tmp_path, monkeypatch, *, name: str, node: dict, head_resources: dict | None = None,
                                 driver_resources: dict | None = None) -> tuple[str, int, int]:
     """Run a 1-trial sweep on a Cluster, kill the node ``node`` once pre-training has a checkpoint,
     add a fresh one like it; return the sweep's output, the checkpoint step resumed from and the
@@ -148,9 +148,9 @@ def _run_sweep_with_a_node_kill(small_corpus, tmp_path, monkeypatch, *, name: st
         # controller is alive) on a free port of its own, never another cluster's 8265. No CPU on
         # the head: the Train worker can only run on a worker node.
         cluster = Cluster(initialize_head=True, connect=False,
-                          head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_host": "127.0.0.1",
-                                          "dashboard_port": free_port()})
-        victim = None if head_joins_alone else cluster.add_node(**node)
+                          head_node_args={"num_cpus": 0, "resources": head_resources or {}, "include_dashboard": False,
+                                          "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+        victim = cluster.add_node(**node)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.sweep", str(path), "--address", cluster.address],
@@ -159,8 +159,6 @@ def _run_sweep_with_a_node_kill(small_corpus, tmp_path, monkeypatch, *, name: st
         # The trial driver runs and has claimed the pre-training.
         _wait("the trial to start pre-training", lambda: list(runs.glob("pretrain/*/config.json")), proc, log_path,
               timeout=600)
-        if victim is None:  # now the Train worker's node may join
-            victim = cluster.add_node(**node)
 
         def checkpoint_to_kill_at() -> Path | None:
             found = _newest_pretrain_checkpoint(runs)
@@ -244,7 +242,8 @@ def _trial_state(tmp_path) -> dict:
 
 def test_worker_node_killed_during_pretraining(small_corpus, tmp_path, monkeypatch):
     output, resumed_from, killed_ms = _run_sweep_with_a_node_kill(
-        small_corpus, tmp_path, monkeypatch, name="nodefail", node={"num_cpus": 1}, head_joins_alone=True)
+        small_corpus, tmp_path, monkeypatch, name="nodefail", node={"num_cpus": 1},
+        head_resources={"trial_driver_head": 1}, driver_resources={"trial_driver_head": 0.01})
     _check_one_trial_resumed(tmp_path, output, resumed_from, killed_ms)
     # The trial driver never saw the failure: Ray Train restarted its worker group, Tune did not
     # restart the trial.
@@ -255,7 +254,7 @@ def test_worker_node_killed_during_pretraining(small_corpus, tmp_path, monkeypat
 def test_trial_driver_node_killed_during_pretraining(small_corpus, tmp_path, monkeypatch):
     node = {"num_cpus": 1, "resources": {"trial_driver_node": 1}}
     output, resumed_from, killed_ms = _run_sweep_with_a_node_kill(
-        small_corpus, tmp_path, monkeypatch, name="driverfail", node=node, head_joins_alone=False,
+        small_corpus, tmp_path, monkeypatch, name="driverfail", node=node,
         driver_resources={"trial_driver_node": 0.01})
     trial = _check_one_trial_resumed(tmp_path, output, resumed_from, killed_ms)
     # Tune retried the trial once (its driver died with the node); the retry re-attached to the
