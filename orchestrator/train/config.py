@@ -255,13 +255,7 @@ class FinetuneConfig(OptimConfig):
         _check(self.newbob_threshold >= 0, f"{section}.newbob_threshold", f"must be >= 0, got {self.newbob_threshold}")
         _check(self.newbob_patience >= 0, f"{section}.newbob_patience", f"must be >= 0, got {self.newbob_patience}")
         _check(bool(self.init), f"{section}.init", "must be 'pretrain', 'random' or a checkpoint path")
-        if hasattr(self.augment, "validate"):
-            try:
-                self.augment.validate()
-            except ConfigError:
-                raise
-            except ValueError as exc:
-                raise ConfigError(f"{section}.augment: {exc}") from None
+        _validate_part(self.augment, f"{section}.augment")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,13 +381,7 @@ class RunConfig:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
 
     def validate(self) -> None:
-        if hasattr(self.model, "validate"):
-            try:
-                self.model.validate()
-            except ConfigError:
-                raise
-            except ValueError as exc:
-                raise ConfigError(f"model: {exc}") from None
+        _validate_part(self.model, "model")
         self.data.validate()
         self.pretrain.validate()
         self.finetune.validate()
@@ -416,6 +404,16 @@ class RunConfig:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _validate_part(part: ModelConfig | AugmentConfig, key: str) -> None:
+    """``part.validate()``; a plain ``ValueError`` it raises becomes a :class:`ConfigError` under ``key``."""
+    try:
+        part.validate()
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 _SECTIONS = {"data": DataConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
