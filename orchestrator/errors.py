@@ -10,7 +10,8 @@ The base and :class:`ConfigError` live in :mod:`models.typed_config` (``models``
 ``orchestrator``); this module re-exports them next to the errors of the sweep. Errors of other
 modules derive from :class:`UserError` where they are defined: ``StorageError``
 (:mod:`orchestrator.storage`), ``TrackingError`` (:mod:`orchestrator.tracking`), ``CorpusError``
-(:mod:`orchestrator.data.errors`) and ``PreflightError`` (:mod:`orchestrator.preflight`).
+(:mod:`orchestrator.data.errors`) and ``PreflightError`` (:mod:`orchestrator.preflight`). The
+training stages (:mod:`orchestrator.train`) raise :class:`StageError` for their own input checks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ USER_ERROR_EXIT = 2
 
 class SweepError(UserError, RuntimeError):
     """The sweep cannot start or resume (no such sweep to resume, Ray unreachable, too few resources)."""
+
+
+class StageError(UserError, ValueError):
+    """A training stage cannot use what it was given: a checkpoint or run folder (missing, of another
+    stage or model), a tokenizer folder, an LM or lexicon file, a device or precision this machine lacks."""
 
 
 NOISY_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore", "filelock")
@@ -61,4 +67,4 @@ def cli_main(body: Callable[[], int]) -> int:
         return USER_ERROR_EXIT
 
 
-__all__ = ["ConfigError", "SpecError", "SweepError", "USER_ERROR_EXIT", "UserError", "cli_main", "configure_logging", "one_line"]
+__all__ = ["ConfigError", "SpecError", "StageError", "SweepError", "USER_ERROR_EXIT", "UserError", "cli_main", "configure_logging", "one_line"]

@@ -28,7 +28,7 @@ import json
 import sys
 from typing import Sequence
 
-from orchestrator.errors import cli_main, configure_logging, one_line
+from orchestrator.errors import cli_main, configure_logging
 from orchestrator.train import STAGES, load_run_config
 from orchestrator.train.loop import ProgressPrinter
 from orchestrator.train.runtime import init_distributed_from_env, rank_and_world
@@ -72,10 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        return cli_main(body)
-    except (ValueError, FileNotFoundError) as exc:  # the stages' own input checks (a missing checkpoint, ...)
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_main(body)  # the stages' own input checks raise StageError, a UserError
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from orchestrator.data.batching import BatchIndices, BatchPosition
+from orchestrator.data.errors import CorpusError
 from orchestrator.data.tokenizers import BLANK, Tokenizer
 from orchestrator.data.types import Utterance
 
@@ -54,7 +55,7 @@ class SpeechDataset(Dataset):
             with all such utterances named, rather than hours into training.
 
     Raises:
-        ValueError: ``check_text`` and some transcripts cannot be encoded.
+        CorpusError: ``check_text`` and some transcripts cannot be encoded.
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class SpeechDataset(Dataset):
                 errors.append(str(exc))
         if errors:
             more = f"\n  ... and {len(errors) - shown} more" if len(errors) > shown else ""
-            raise ValueError(
+            raise CorpusError(
                 f"{len(errors)} of {len(self.utterances)} transcripts cannot be encoded by {tokenizer!r}:\n  "
                 + "\n  ".join(errors[:shown])
                 + more

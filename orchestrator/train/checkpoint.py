@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from orchestrator.errors import StageError
 from orchestrator.fileio import atomic_write_bytes, atomic_write_json, json_bytes
 
 __all__ = [  # atomic_write_* re-exported for older importers: they live in orchestrator.fileio
@@ -155,4 +156,4 @@ def load_state(checkpoint_dir: Path, map_location: str | torch.device = "cpu") -
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError:
-        raise ValueError(f"no checkpoint at {path}: pass a folder written by save_checkpoint") from None
+        raise StageError(f"no checkpoint at {path}: pass a folder written by save_checkpoint") from None

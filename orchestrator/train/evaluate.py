@@ -29,14 +29,14 @@ from typing import Any
 
 from models.config import config_from_dict
 from models.ctc import CTCModel
-from orchestrator.data.tokenizers import load_tokenizer
+from orchestrator.errors import StageError
 from orchestrator.stats import paired_bootstrap
 from orchestrator.train.checkpoint import atomic_write_bytes, checkpoint_to_test, load_state
 from orchestrator.train.config import RunConfig
 from orchestrator.train.data import ensure_corpus, load_utterances
 from orchestrator.data.ngram import arpa_vocabulary, build_arpa
 from orchestrator.train.decoding import BeamSearchDecoder, Scores, bootstrap_wer_ci, score, write_lexicon
-from orchestrator.train.finetune import TOKENIZER_DIR, eval_loaders, evaluate
+from orchestrator.train.finetune import eval_loaders, evaluate, load_saved_tokenizer
 from orchestrator.train.loop import write_json
 from orchestrator.train.runtime import Report, Runtime, all_gather_objects, log
 
@@ -47,11 +47,11 @@ def load_finetuned(checkpoint: Path, runtime: Runtime) -> tuple[CTCModel, Any, d
     """A fine-tuned ``CTCModel`` (eval mode), its tokenizer and the checkpoint's meta, from one folder."""
     state = load_state(checkpoint, map_location=runtime.device)
     if state.get("stage") != "finetune":
-        raise ValueError(f"{checkpoint} is a {state.get('stage')!r} checkpoint; evaluation needs a fine-tuning one")
+        raise StageError(f"{checkpoint} is a {state.get('stage')!r} checkpoint; evaluation needs a fine-tuning one")
     model = CTCModel(config_from_dict(state["model_config"], source=str(checkpoint / "state.pt"))).to(runtime.device)
     model.load_state_dict(state["model"])
     model.eval()
-    tokenizer = load_tokenizer(checkpoint / TOKENIZER_DIR)
+    tokenizer = load_saved_tokenizer(checkpoint)
     return model, tokenizer, {**state.get("meta", {}), "step": int(state["step"])}
 
 
@@ -71,7 +71,7 @@ def prepare_language_files(config: RunConfig, tokenizer, runtime: Runtime | None
     for name in ("lm_path", "lexicon_path"):
         path = getattr(ec, name)
         if path is not None and not Path(path).is_file():
-            raise ValueError(f"eval.{name}: {path} does not exist")
+            raise StageError(f"eval.{name}: {path} does not exist")
     from_lm = ec.lexicon_from_lm and (ec.lm_path is not None or ec.lm_from_train)
     source = ec.lexicon_path or ("train" if ec.lexicon_from_train else "lm" if from_lm else None)
     out = {"lexicon": ec.lexicon_path, "lm": ec.lm_path, "lm_stats": {}, "lexicon_source": source}
@@ -90,7 +90,7 @@ def prepare_language_files(config: RunConfig, tokenizer, runtime: Runtime | None
             result = (str(error), {})
     error, out["lm_stats"] = all_gather_objects(result)[0]
     if error is not None:
-        raise ValueError(error)
+        raise StageError(error)
     return out
 
 
@@ -117,7 +117,7 @@ def _write_language_files(config: RunConfig, tokenizer, out: dict[str, Any], fro
         try:
             words = arpa_vocabulary(out["lm"])
         except ValueError as error:
-            raise ValueError(f"eval.lexicon_from_lm: {error}; give eval.lexicon_path instead") from None
+            raise StageError(f"eval.lexicon_from_lm: {error}; give eval.lexicon_path instead") from None
         count = write_lexicon(words, tokenizer, out["lexicon"])
         log.info("lexicon of the LM's %d words -> %s", count, out["lexicon"])
     return stats
@@ -211,7 +211,7 @@ def evaluate_run(
         folder = Path(config.output_dir) / "finetune" / "checkpoints"
         found = checkpoint_to_test(folder)
         if found is None:
-            raise ValueError(f"no fine-tuning checkpoint in {folder}: run `python -m orchestrator.run finetune` first")
+            raise StageError(f"no fine-tuning checkpoint in {folder}: run `python -m orchestrator.run finetune` first")
         checkpoint = found
     checkpoint = Path(checkpoint)
     model, tokenizer, meta = load_finetuned(checkpoint, runtime)

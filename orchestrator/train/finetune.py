@@ -45,6 +45,7 @@ from models.config import config_to_dict
 from models.ctc import CTCModel, greedy_decode
 from orchestrator.data.augment import SpecAugment, WaveAugment
 from orchestrator.data.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
+from orchestrator.errors import StageError
 from orchestrator.train.checkpoint import latest_checkpoint, load_state
 from orchestrator.train.config import FinetuneConfig, RunConfig
 from orchestrator.train.data import (
@@ -200,9 +201,9 @@ def build_tokenizer(config: RunConfig, utterances, root: Path):
     fc = config.finetune
     saved = root / TOKENIZER_DIR
     if (saved / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(saved)
+        tokenizer = load_saved_tokenizer(root)
         if tokenizer.kind != fc.tokenizer:
-            raise ValueError(
+            raise StageError(
                 f"{saved} holds a {tokenizer.kind!r} tokenizer but finetune.tokenizer is {fc.tokenizer!r}; "
                 "choose another output_dir"
             )
@@ -213,11 +214,20 @@ def build_tokenizer(config: RunConfig, utterances, root: Path):
     return BPETokenizer.train([u.text for u in utterances], None, fc.vocab_size)
 
 
+def load_saved_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder/tokenizer`` (a run's or a checkpoint's); a missing or broken one
+    is a :class:`StageError`."""
+    try:
+        return load_tokenizer(folder / TOKENIZER_DIR)
+    except (FileNotFoundError, ValueError) as exc:
+        raise StageError(f"{folder}: its fine-tuning tokenizer cannot be read: {exc}") from None
+
+
 def resolve_init(config: RunConfig) -> Path | None:
     """The pre-training checkpoint ``finetune.init`` names (``None`` for random init).
 
     Raises:
-        ValueError: ``pretrain`` with no complete pre-training checkpoint in this run, or a path
+        StageError: ``pretrain`` with no complete pre-training checkpoint in this run, or a path
             without a checkpoint.
     """
     init = config.finetune.init
@@ -227,7 +237,7 @@ def resolve_init(config: RunConfig) -> Path | None:
         folder = Path(config.output_dir) / "pretrain" / "checkpoints"
         found = latest_checkpoint(folder)
         if found is None:
-            raise ValueError(
+            raise StageError(
                 f"finetune.init is 'pretrain' but {folder} has no checkpoint: run "
                 "`python -m orchestrator.run pretrain` first, or set finetune.init=random or a checkpoint path"
             )
@@ -239,7 +249,7 @@ def resolve_init(config: RunConfig) -> Path | None:
         found = latest_checkpoint(candidate)
         if found is not None:
             return found
-    raise ValueError(f"finetune.init={init!r}: no pre-training checkpoint there (a step-N folder or a run folder)")
+    raise StageError(f"finetune.init={init!r}: no pre-training checkpoint there (a step-N folder or a run folder)")
 
 
 def make_optimizer(model: CTCModel, config: FinetuneConfig) -> torch.optim.AdamW:
@@ -308,7 +318,7 @@ class FinetuneObjective(Objective):
         ensure_corpus(config.data)
         self.utterances = load_utterances(config.data, config.data.train_subsets)
         self.tokenizer = (
-            load_tokenizer(resume / TOKENIZER_DIR) if resume is not None
+            load_saved_tokenizer(resume) if resume is not None
             else build_tokenizer(config, self.utterances, self.root)
         )
         self.model_cfg = dataclasses.replace(
@@ -453,12 +463,12 @@ def load_initial_weights(model: CTCModel, config: RunConfig, utterances, runtime
         return None
     state = load_state(source, map_location=runtime.device)
     if state.get("stage") != "pretrain":
-        raise ValueError(f"finetune.init: {source} is a {state.get('stage')!r} checkpoint, not a pre-training one")
+        raise StageError(f"finetune.init: {source} is a {state.get('stage')!r} checkpoint, not a pre-training one")
     if not state.get("meta", {}).get("complete", True):
         log.warning("fine-tuning from %s, an incomplete pre-training run (step %d)", source, state["step"])
     result = model.load_pretrained(state["model"])
     if not model.normalizer.is_fitted:
-        raise ValueError(f"{source}: the pre-trained model has no normaliser statistics")
+        raise StageError(f"{source}: the pre-trained model has no normaliser statistics")
     info = {
         "checkpoint": str(source),
         "pretrain_step": int(state["step"]),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, TextIO
 import torch
 from torch import nn
 
+from orchestrator.errors import StageError
 from orchestrator.fileio import atomic_write_json, atomic_write_text
 from orchestrator.train.checkpoint import (
     latest_checkpoint,
@@ -187,7 +188,7 @@ def find_resume_checkpoint(checkpoint_root: Path, resume_from: Path | None) -> P
     if resume_from is not None:
         path = Path(resume_from)
         if not (path / "state.pt").is_file():
-            raise ValueError(f"cannot resume from {path}: no state.pt there (pass a checkpoint folder step-NNNNNNNN)")
+            raise StageError(f"cannot resume from {path}: no state.pt there (pass a checkpoint folder step-NNNNNNNN)")
         return path
     return latest_checkpoint(checkpoint_root)
 
@@ -195,7 +196,7 @@ def find_resume_checkpoint(checkpoint_root: Path, resume_from: Path | None) -> P
 def load_training_state(path: Path, runtime: Runtime, stage: str) -> dict[str, Any]:
     state = load_state(path, map_location=runtime.device)
     if state.get("stage") != stage:
-        raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not a {stage!r} one")
+        raise StageError(f"{path} is a {state.get('stage')!r} checkpoint, not a {stage!r} one")
     return state
 
 
@@ -206,7 +207,7 @@ def check_same_model(state: dict[str, Any], model_config: dict[str, Any], path: 
     """Refuse to resume ``state`` with another model configuration than this run's."""
     saved = state.get("model_config")
     if saved is not None and saved != model_config:
-        raise ValueError(
+        raise StageError(
             f"{path} was trained with another model configuration than this run's; resume with the "
             "same model: section, or choose another output_dir"
         )

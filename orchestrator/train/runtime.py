@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.errors import StageError
+
 log = logging.getLogger("orchestrator.train")
 
 Report = Callable[[dict[str, Any], "os.PathLike | None"], None]
@@ -61,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
+            raise StageError(f"device {name!r} was asked for but CUDA is not available; use device: cpu or auto")
         torch.cuda.set_device(device)
     return device
 
@@ -86,7 +88,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     is native (:func:`cpu_has_native_bf16`), else fp32.
 
     Raises:
-        ValueError: fp16 on CPU (autocast to fp16 needs a GPU to be useful and a GradScaler
+        StageError: fp16 on CPU (autocast to fp16 needs a GPU to be useful and a GradScaler
             to be safe).
     """
     if precision == "auto":
@@ -94,7 +96,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        raise StageError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     return precision
 
 
