@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.data.errors import CorpusError
+
 # Public API constants of speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
@@ -168,22 +170,22 @@ def variant_sex(variant: str) -> str:
 
 
 def _check_name(name: str, known: tuple[str, ...], what: str, choices: str) -> str:
-    """``name`` if ``known`` holds it, else a ValueError with close matches and ``choices``."""
+    """``name`` if ``known`` holds it, else a :class:`CorpusError` with close matches and ``choices``."""
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown {what} {name!r}{hint}: {choices}")
+        raise CorpusError(f"unknown {what} {name!r}{hint}: {choices}")
     return name
 
 
 def check_voice(name: str) -> str:
-    """``name`` if it is a known English voice, else a ValueError listing the known ones."""
+    """``name`` if it is a known English voice, else a :class:`CorpusError` listing the known ones."""
     known = list_voices()
     return _check_name(name, known, "eSpeak voice", f"choose from {', '.join(known)}")
 
 
 def check_variant(name: str) -> str:
-    """``name`` if the shipped ``voices/!v`` folder holds it, else a ValueError."""
+    """``name`` if the shipped ``voices/!v`` folder holds it, else a :class:`CorpusError`."""
     return _check_name(
         name, list_variants(), "eSpeak voice variant",
         f"choose one of the files in {data_path() / 'voices' / '!v'}, "

@@ -54,6 +54,7 @@ from orchestrator.data.librispeech_files import (
 )
 from orchestrator.data.s3 import is_s3_uri, split_s3_uri, upload_directory
 from orchestrator.data.types import Utterance
+from orchestrator.errors import cli_main, configure_logging
 from orchestrator.fileio import atomic_write_text
 
 __all__ = [
@@ -358,8 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     u.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     u.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
+    configure_logging(quiet=True)
+
+    def body() -> int:
         if args.command == "manifest":
             manifest = load_manifest(
                 args.root, args.subset, cache_dir=args.cache_dir,
@@ -381,13 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"uploaded {report.uploaded} file(s) ({report.bytes_sent / 1e6:.1f} MB) to {args.uri}; "
                   f"{report.unchanged} already there")
-    except CorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return cli_main(body)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from orchestrator.data import espeak
+from orchestrator.data.errors import CorpusError
 from orchestrator.data.espeak import list_variants, list_voices
 from orchestrator.data.grammar import vocabulary
 from orchestrator.data.synth_plan import GENERATOR_VERSION, SAMPLE_RATE, SUBSETS, plan_corpus
@@ -103,25 +104,25 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 
 def _claim_folder(out: Path, config: dict) -> None:
-    """Make ``out`` this corpus's folder, or raise ValueError if it holds something else."""
+    """Make ``out`` this corpus's folder, or raise CorpusError if it holds something else."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: choose a folder")
+        raise CorpusError(f"--out {out} is a file: choose a folder")
     meta_path = out / METADATA
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text())["config"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{meta_path} is unreadable ({exc}): delete the folder {out} "
+            raise CorpusError(f"{meta_path} is unreadable ({exc}): delete the folder {out} "
                              "or choose another --out folder") from None
         if old != config:
-            raise ValueError(
+            raise CorpusError(
                 f"{out} already holds another generated corpus "
                 f"({_describe_difference(old, config)}): rerun with its arguments to resume it, "
                 "or choose another --out folder"
             )
         return
     if out.exists() and any(not p.name.startswith(f".{METADATA}.") for p in out.iterdir()):
-        raise ValueError(f"--out {out} is not empty and holds no {METADATA} (not a generated "
+        raise CorpusError(f"--out {out} is not empty and holds no {METADATA} (not a generated "
                          "corpus): choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, {"config": config, "complete": False})
@@ -140,15 +141,15 @@ def _validate_sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
     names = [s.name for s in SUBSETS]
     unknown = set(sizes) - set(names)
     if unknown:
-        raise ValueError(f"unknown subset(s) {sorted(unknown)} in sizes: use {', '.join(names)}")
+        raise CorpusError(f"unknown subset(s) {sorted(unknown)} in sizes: use {', '.join(names)}")
     out = {}
     for s in SUBSETS:
         n = sizes.get(s.name, 0)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{s.flag} (size of {s.name}) must be an integer >= 0, got {n!r}")
+            raise CorpusError(f"{s.flag} (size of {s.name}) must be an integer >= 0, got {n!r}")
         out[s.name] = n
     if sum(out.values()) == 0:
-        raise ValueError("every subset size is 0: ask for at least one utterance, e.g. --train 12")
+        raise CorpusError("every subset size is 0: ask for at least one utterance, e.g. --train 12")
     return out
 
 
@@ -189,20 +190,20 @@ def generate_corpus(out: str | os.PathLike, *, seed: int = 0,
         (whole corpus) and ``hours`` per subset.
 
     Raises:
-        ValueError: a bad argument, an unknown voice or variant, or ``out`` holding
+        CorpusError: a bad argument, an unknown voice or variant, or ``out`` holding
             something other than this corpus. The message is one line for people.
     """
     start = time.perf_counter()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+        raise CorpusError(f"--seed must be an integer >= 0, got {seed!r}")
     sizes = _validate_sizes(sizes)
     workers = _default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
+        raise CorpusError(f"--workers must be an integer >= 1, got {workers!r}")
     voices = tuple(list_voices() if voices is None else (v.lower() for v in voices))
     variants = tuple(espeak.DEFAULT_VARIANTS if variants is None else variants)
     if not voices or not variants:
-        raise ValueError("--voices and --variants need at least one name each")
+        raise CorpusError("--voices and --variants need at least one name each")
     for name in voices:
         espeak.check_voice(name)
     for name in variants:
@@ -341,27 +342,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the voices and variants, then exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    from orchestrator.errors import configure_logging
+    from orchestrator.errors import cli_main, configure_logging
 
     configure_logging(quiet=args.quiet)
     # `kill` takes the same path as Ctrl-C: workers stopped, a one-line message, resumable.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+
+    def body() -> int:
         if args.list_voices:
             print(json.dumps({"voices": list(list_voices()),
                               "default_variants": list(espeak.DEFAULT_VARIANTS),
                               "variants": list(list_variants())}, indent=1))
             return 0
         if not args.out:
-            raise ValueError("--out DIR is required: the folder to write the corpus to")
+            raise CorpusError("--out DIR is required: the folder to write the corpus to")
         summary = generate_corpus(
             args.out, seed=args.seed, workers=args.workers, voices=args.voices,
             variants=args.variants, progress=not args.quiet,
             sizes={s.name: getattr(args, s.flag.lstrip("-").replace("-", "_")) for s in SUBSETS},
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(json.dumps(summary))
+        return 0
+
+    try:
+        return cli_main(body)  # a bad flag or --out folder: one error line, exit 2
     except RuntimeError as exc:
         print(f"error: {exc}: rerun the same command to resume; report it if it repeats",
               file=sys.stderr)
@@ -375,8 +379,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
-    print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from orchestrator.data.errors import CorpusError
 from orchestrator.data.espeak import SpeakerSpec
 from orchestrator.data.grammar import TRANSCRIPT_RE, Grammar, Sentence
 
@@ -189,7 +190,7 @@ def plan_corpus(*, seed: int, sizes: Mapping[str, int], voices: Sequence[str],
         free = pool_size - sum(1 for t in taken if t.rate in subset.rates
                                and t.pitch in subset.pitches)
         if counts[subset.name] > free:
-            raise ValueError(
+            raise CorpusError(
                 f"{subset.name} needs {counts[subset.name]} distinct speakers but the "
                 f"{len(voices)} voices x {len(variants)} variants allow {free} more: "
                 f"add voices or variants, or lower {subset.flag}"
