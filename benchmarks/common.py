@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import cli_main, configure_logging
 from orchestrator.fileio import atomic_write_text
 from orchestrator.profile import (  # noqa: F401 - re-exported: the benchmarks' memory vocabulary
     FRAME_SECONDS,
@@ -299,6 +300,14 @@ def run_child(script: Path, args: Sequence[str], *, timeout: float | None = None
         return json.loads(proc.stdout)
     except json.JSONDecodeError as err:
         raise ChildFailed(f"{' '.join(cmd[1:])} printed no JSON ({err}): {proc.stdout[-500:]!r}") from None
+
+
+def cli(body: Callable[[], int | None], *, quiet: bool = False) -> int:
+    """Run a benchmark's ``body`` as every CLI of the project runs: logging by
+    :func:`~orchestrator.errors.configure_logging`, a user error (a bad config, ``--set`` or corpus)
+    as one ``error:`` line and exit code 2 (:func:`~orchestrator.errors.cli_main`); ``None`` is exit 0."""
+    configure_logging(quiet=quiet)
+    return cli_main(lambda: body() or 0)
 
 
 def emit(payload: dict[str, Any], out: str | None = None) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import platform
 import resource
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.errors import cli_main, configure_logging  # noqa: E402
 from orchestrator.train.config import load_run_config  # noqa: E402
 from orchestrator.train.data import ensure_corpus  # noqa: E402
 from orchestrator.train.evaluate import evaluate_run  # noqa: E402
@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(message)s")
+    configure_logging(quiet=not args.verbose)
+    return cli_main(lambda: _benchmark(args))
+
+
+def _benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
 
     precision = args.precision if args.precision != "auto" else ("bf16" if _cpu_has_bf16() else "fp32")

@@ -61,6 +61,7 @@ from benchmarks.common import (
     ChildFailed,
     autocast,
     calibration_workload,
+    cli,
     emit,
     environment,
     log,
@@ -487,9 +488,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.single:
-        emit(run_single(args))
-        return 0
+    return cli(lambda: _single(args) if args.single else _sweep(args))
+
+
+def _single(args: argparse.Namespace) -> int:
+    emit(run_single(args))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
     payload = run_sweep(args)
     emit(payload, payload["json_path"])
     return 0 if payload["results"] else 1

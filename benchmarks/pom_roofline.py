@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     RESULTS_DIR,
+    cli,
     emit,
     environment,
     log,
@@ -431,8 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    emit(run(args), args.out)
-    return 0
+    return cli(lambda: emit(run(args), args.out))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orchestrator.errors import cli_main, configure_logging  # noqa: E402
+
 QUICK_SETS = ("sweep.num_trials=2", "pretrain.steps=4", "finetune.steps=6", "finetune.eval_every=3",
               "finetune.checkpoint_every=3", "pretrain.checkpoint_every=2")
 TIME_KEYS = ("startup", "pretrain", "handoff", "finetune", "eval", "profile", "total")
@@ -133,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="copy the checkout here and keep it (default: a temp folder, removed)")
     parser.add_argument("--experiment", default="pom-ablations")
     args = parser.parse_args(argv)
+    configure_logging()
+    return cli_main(lambda: _demo(args, parser))
 
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     copy = args.keep or Path(tempfile.mkdtemp(prefix="sweep-demo-"))
     copy.mkdir(parents=True, exist_ok=True)
     if any(copy.iterdir()):

@@ -42,6 +42,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
+    cli,
     emit,
     environment,
     log,
@@ -223,8 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    emit(run(args), args.out)
-    return 0
+    return cli(lambda: emit(run(args), args.out))
 
 
 if __name__ == "__main__":
