@@ -45,7 +45,7 @@ from typing import Any
 
 from models.typed_config import UserError  # the base of every user error (orchestrator.errors)
 from orchestrator import s3
-from orchestrator.fileio import atomic_write_bytes, json_bytes, sha256_file
+from orchestrator.fileio import atomic_directory, atomic_write_bytes, json_bytes, sha256_file
 from orchestrator.train.checkpoint import latest_checkpoint, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -434,10 +434,9 @@ class S3Storage(Storage):
 
     def _download_checkpoint(self, rel: str, step: int, marker: dict[str, Any]) -> Path:
         name = f"{CHECKPOINT_PREFIX}{step:08d}"
-        root = self.local(rel)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.pull."))
-        try:
+        final = self.local(rel) / name
+        # Another rank's complete copy (state.pt is written last) is kept.
+        with atomic_directory(final, keep_existing=lambda p: (p / "state.pt").is_file()) as tmp:
             for fname, entry in marker["files"].items():
                 fname = _clean_rel(fname)  # a marker naming ../x must not write outside the folder
                 size = entry["size"] if isinstance(entry, dict) else entry  # older markers: size only
@@ -446,16 +445,7 @@ class S3Storage(Storage):
             if "sha256" in marker and _content_hash(_manifest(tmp)) != marker["sha256"]:
                 raise StorageError(f"{self.describe(f'{rel}/{name}')} does not match its completion marker "
                                    "(overwritten after it was written?): delete that checkpoint folder in S3")
-            os.chmod(tmp, 0o755)
-            final = root / name
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not (final / "state.pt").is_file():  # not another rank's complete copy
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return root / name
+        return final
 
     # Ray ----------------------------------------------------------------------------------
     def ray_storage(self, rel: str) -> tuple[str, Any]:

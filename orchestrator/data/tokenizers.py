@@ -20,13 +20,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from orchestrator.fileio import atomic_write_bytes
 
 __all__ = [
     "BLANK",
@@ -164,7 +165,7 @@ class CharTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "format_version": FORMAT_VERSION, "unknown": self.unknown, "symbols": list(self.symbols)}
-        _atomic_write(directory / TOKENIZER_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_bytes(directory / TOKENIZER_JSON, (json.dumps(meta, indent=2) + "\n").encode())
         return directory
 
     @classmethod
@@ -303,7 +304,7 @@ class BPETokenizer:
         """Writes ``tokenizer.model`` then ``tokenizer.json`` atomically; returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / TOKENIZER_MODEL, self._proto)
+        atomic_write_bytes(directory / TOKENIZER_MODEL, self._proto)
         meta = {
             "kind": self.kind,
             "format_version": FORMAT_VERSION,
@@ -312,7 +313,7 @@ class BPETokenizer:
             "model_file": TOKENIZER_MODEL,
             "model_sha256": hashlib.sha256(self._proto).hexdigest(),
         }
-        _atomic_write(directory / TOKENIZER_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_bytes(directory / TOKENIZER_JSON, (json.dumps(meta, indent=2) + "\n").encode())
         return directory
 
     @classmethod
@@ -367,21 +368,3 @@ def load_tokenizer(directory: str | os.PathLike) -> CharTokenizer | BPETokenizer
             "update the project"
         )
     return TOKENIZERS[kind]._from_meta(meta, directory)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the file from other users
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

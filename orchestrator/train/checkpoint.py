@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import StageError
-from orchestrator.fileio import atomic_write_bytes, atomic_write_json, json_bytes
+from orchestrator.fileio import atomic_directory, atomic_write_bytes, atomic_write_json, json_bytes
 
 __all__ = [  # atomic_write_* re-exported for older importers: they live in orchestrator.fileio
     "BEST_POINTER", "atomic_write_bytes", "atomic_write_json", "best_checkpoint", "checkpoint_to_test",
@@ -83,24 +81,12 @@ def save_checkpoint(
         The folder of the new checkpoint.
     """
     root = Path(checkpoint_root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
-        with open(tmp / "state.pt", "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the rename below must not publish a file still in the page cache
+    with atomic_directory(final) as tmp:  # a rerun of the same step replaces it whole
+        torch.save(state, tmp / "state.pt")
         if write_files is not None:
             write_files(tmp)
         (tmp / "meta.json").write_bytes(json_bytes({"step": step, **(meta or {})}))  # published by the rename
-        if final.exists():  # a rerun of the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_json(root / "latest.json", {"step": step, "path": final.name})
     protected = None
     if best is not None:
