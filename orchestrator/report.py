@@ -9,6 +9,8 @@ MLflow description then holds the headline and the table); this command regenera
 tracking store only, so it works for any sweep MLflow holds. Significance comes from each trial
 run's per-utterance records (``eval/<subset>.tsv`` artifacts): every trial is compared with the
 best one by a paired bootstrap over the same dev and test utterances (:mod:`orchestrator.stats`).
+With replicate seeds (``sweep.seeds``) the headline and the terminal table rank configurations
+by their seeds' means (:mod:`orchestrator.replicates`); the markdown table keeps every trial.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator.fileio import atomic_output, atomic_write_bytes
-from orchestrator.stats import compare, mean_std, read_records
+from orchestrator import replicates
+from orchestrator.stats import compare, read_records
+from orchestrator.train.checkpoint import atomic_write_bytes
 
 PLOT_AXES = (("params", "parameters"), ("encoder_peak_mem_mb", "encoder peak memory (MB)"), ("encoder_time_s", "encoder forward time (s)"))
 STOPPED_TAG = "stopped_early"
 SPLITS = ("dev", "test")
 TIME_PHASES = ("startup", "pretrain", "handoff", "finetune", "eval", "profile")
 WORK_PHASES = ("pretrain", "finetune", "eval")  # training + evaluation; the rest is overhead
-SEED_KEYS = ("seed", "config.finetune.seed")
 
 
 def _dev_subsets(params: dict[str, str]) -> tuple[str, ...]:
@@ -45,7 +47,7 @@ def collect_rows(tracker, parent_run_id: str) -> list[dict[str, Any]]:
     for run in tracker.children(parent_run_id):
         data = run.data
         sampled = {k[len("sampled."):]: v for k, v in data.params.items() if k.startswith("sampled.")}
-        seed = sampled.get("seed", data.params.get("config.finetune.seed", ""))
+        seed = replicates.row_seed(data.params, sampled)
         rows.append({
             "run_id": run.info.run_id,
             "name": run.info.run_name or data.tags.get("trial_key", ""),
@@ -210,7 +212,7 @@ def headline(rows: list[dict[str, Any]], best: dict[str, Any] | None, metric: st
         return f"No trial finished, so there is no answer yet ({len(rows)} trials; see the failures below)."
     top = rows[0]
     m = top["metrics"]
-    text = (f"Best by {metric}: {_label(top, rows)} ({metric} {_num(m.get(metric)):.3f}"
+    text = (f"Best by {metric}: {_label(top, rows)} ({metric} {_num(m.get(metric)):.3f}{replicates.spread_text(top, metric)}"
             + (f", test WER {_num(m.get('test_wer')):.3f}" if "test_wer" in m else "") + ").")
     if best is None:
         return text + " The trials logged no per-utterance records, so no difference was tested for significance."
@@ -295,14 +297,23 @@ def markdown_table(rows: list[dict[str, Any]], objective: str) -> str:
     return "\n".join(lines)
 
 
+def _sd(row: dict[str, Any], metric: str) -> str:
+    std, n = row.get("spread", {}).get(metric, (math.nan, 0))
+    return f"{_fmt(std, '.4f')} ({n})" if n > 1 else ""
+
+
 def terminal_table(rows: list[dict[str, Any]], objective: str) -> str:
-    header = (f"{'#':>2}  {'status':<9} {objective:>10} {'test WER':>8} {'Δdev WER':>9} {'Δtest WER':>9} "
-              f"{'Δtest CER':>9} {'params(M)':>9} {'mem(MB)':>8}  run / sampled")
+    """One line per row; rows merged from replicates (:mod:`orchestrator.replicates`) add a ``±sd (n)`` column."""
+    spread = any(r.get("spread") for r in rows)
+    header = (f"{'#':>2}  {'status':<9} {objective:>10}" + (f" {'±sd (n)':>10}" if spread else "")
+              + f" {'test WER':>8} {'Δdev WER':>9} {'Δtest WER':>9} {'Δtest CER':>9} {'params(M)':>9} "
+              f"{'mem(MB)':>8}  run / sampled")
     out = [header, "-" * len(header)]
     for i, row in enumerate(rows, 1):
         m = row["metrics"]
         out.append(
-            f"{i:>2}  {row['status'][:9]:<9} {_fmt(_num(m.get(objective)), '.4f'):>10} "
+            f"{i:>2}  {row['status'][:9]:<9} {_fmt(_num(m.get(objective)), '.4f'):>10}"
+            + (f" {_sd(row, objective):>10}" if spread else "") + " "
             f"{_fmt(_num(m.get('test_wer')), '.4f'):>8} {_vs(row, 'dev', 'wer', ci=False):>9} "
             f"{_vs(row, 'test', 'wer', ci=False):>9} {_vs(row, 'test', 'cer', ci=False):>9} "
             f"{_fmt(_num(m.get('params')) / 1e6, '.2f'):>9} {_fmt(_num(m.get('encoder_peak_mem_mb')), '.1f'):>8}  "
@@ -328,29 +339,6 @@ def time_breakdown(rows: list[dict[str, Any]]) -> list[str]:
              "| phase | seconds | share |", "|---|---|---|"]
     for phase, seconds in [*sums.items(), ("other", other)]:
         lines.append(f"| {phase} | {seconds:.1f} | {100 * seconds / total:.1f}% |")
-    return lines + [""]
-
-
-def replicates(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines: configurations run with several seeds, their metrics as mean ± std (n)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["status"] == "FINISHED":
-            config = tuple(sorted((k, v) for k, v in row["sampled"].items() if k not in SEED_KEYS))
-            groups.setdefault((row["plan"], config), []).append(row)
-    repeated = {k: v for k, v in groups.items() if len(v) > 1}
-    if not repeated:
-        return []
-    metrics = ("dev_wer", "dev_cer", "test_wer", "test_cer")
-    lines = ["## Replicates (same configuration, other seeds)", "",
-             "| mixer plan | sampled | seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (3 + len(metrics))]
-    for (plan, config), members in sorted(repeated.items(), key=lambda kv: mean_std([_num(r["metrics"].get("dev_wer")) for r in kv[1]])[0]):
-        cells = [plan, ", ".join(f"{k}={v}" for k, v in config).replace("|", "/") or "-",
-                 ", ".join(str(r["seed"]) for r in members)]
-        for metric in metrics:
-            mean, std, n = mean_std([_num(r["metrics"].get(metric)) for r in members])
-            cells.append("-" if n == 0 else f"{mean:.4f} ± {_fmt(std, '.4f')} (n={n})")
-        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -380,9 +368,10 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{metric}_vs_{key}.png"
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120)
         plt.close(fig)
+        tmp.replace(path)
         paths.append(path)
     return paths
 
@@ -411,7 +400,16 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
     best = add_comparisons(rows, samples=bootstrap_samples, seed=seed)
     if best is not None:
         best["is_best"] = True
-    summary = headline(rows, best, metric)
+    # With replicate seeds, the headline and the terminal table speak of configurations (the seeds' means).
+    configs = replicates.by_configuration(rows)
+    if configs is not None:
+        configs = sort_rows(configs, metric, mode)
+        best_config = add_comparisons(configs, samples=bootstrap_samples, seed=seed)
+        if best_config is not None:
+            best_config["is_best"] = True
+        summary = headline(configs, best_config, metric)
+    else:
+        summary = headline(rows, best, metric)
     table = markdown_table(rows, metric)
     finished = sum(r["status"] == "FINISHED" for r in rows)
     stopped = sum(r["status"] == "STOPPED" for r in rows)
@@ -431,10 +429,11 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
         legend,
         "",
     ]
-    unpaired = [r for r in rows if r.get("vs_best_error") or r.get("records_error")]
+    unpaired = [r for r in [*rows, *(r for r in configs or () if r.get("members"))]
+                if r.get("vs_best_error") or r.get("records_error")]
     if unpaired:
         text += ["## Not compared", ""] + [f"- {r['name']}: {r.get('vs_best_error') or r['records_error']}" for r in unpaired] + [""]
-    text += replicates(rows) + time_breakdown(rows)
+    text += replicates.section(configs, metric) + time_breakdown(rows)
     if failed:
         text += ["## Failed trials", ""] + [f"- {r['name']}: {r['reason'] or 'no reason recorded'}" for r in failed] + [""]
     plots = plot(rows, metric, out_dir)
@@ -449,7 +448,7 @@ def write_report(tracker, parent_run_id: str, out_dir: Path, *, objectives: list
     except Exception as err:  # noqa: BLE001 - the report on disk is what matters
         print(f"warning: could not log the report to MLflow ({err})", file=sys.stderr)
     if not quiet:
-        print(summary + "\n\n" + terminal_table(rows, metric), flush=True)
+        print(summary + "\n\n" + terminal_table(configs or rows, metric), flush=True)
     return rows
 
 

@@ -3,7 +3,8 @@
 A spec is a run configuration (the sections ``preset``, ``model``, ``data``, ``pretrain``,
 ``finetune``, ``eval`` of :mod:`orchestrator.train.config`) plus the sweep's own sections::
 
-    sweep:      name, objective, extra objectives, trials, concurrency, seed, sampler, scheduler, retries
+    sweep:      name, objective, extra objectives, trials, concurrency, seed, sampler, scheduler, retries,
+                replicate seeds
     search:     dotted.config.path: {values: [...]} | {min, max, distribution} [+ when: {...}]
     resources:  workers per trial, CPUs / GPUs per worker
     profile:    encoder profile lengths and batch
@@ -43,6 +44,8 @@ TOP_KEYS = (*SWEEP_SECTIONS, *RUN_SECTIONS)
 TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
 """URI schemes MLflow can open a tracking store at (databases also as ``scheme+driver``)."""
 DEFAULT_MAX_FAILURES = 2
+SEED_PATHS = ("pretrain.seed", "finetune.seed")
+"""The run-config seeds a replicate sets from ``sweep.seeds`` (model init, masking, dropout, batch order)."""
 
 
 def _at_least(key: str, value: float, minimum: float, *, strict: bool = False) -> None:
@@ -121,6 +124,10 @@ class SweepSection:
     max_failures: int = DEFAULT_MAX_FAILURES
     """Times a failed trial (a dead node or worker) is retried from its last checkpoint, and times
     each training stage's worker group is restarted; 0 = a failure fails the trial."""
+    seeds: tuple[int, ...] = ()
+    """Replicate seeds: every configuration the sampler proposes runs once per seed, the seed set
+    as the run's ``pretrain.seed`` and ``finetune.seed`` (:data:`SEED_PATHS`); the sampler sees
+    the replicates' mean and the report shows mean ± std. Empty: one run per configuration."""
 
     def __post_init__(self) -> None:
         if not self.name.strip() or any(c in self.name for c in "/\\ '\""):
@@ -130,6 +137,10 @@ class SweepSection:
             _at_least("sweep.max_concurrent", self.max_concurrent, 1)
         _at_least("sweep.seed", self.seed, 0)
         _at_least("sweep.max_failures", self.max_failures, 0)
+        for i, seed in enumerate(self.seeds):
+            _at_least(f"sweep.seeds[{i}]", seed, 0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds: {list(self.seeds)} repeats a seed; give distinct seeds, e.g. [0, 1, 2]")
         extras = bool(self.extra_objectives)
         if self.sampler is None:
             object.__setattr__(self, "sampler", "nsga2" if extras else "tpe")
@@ -377,6 +388,10 @@ def spec_from_dict(data: Mapping[str, Any], *, source: str = "<spec>", check_run
                 raise fail(source, key, f"{objective.metric} is only measured with profile.enabled: true")
     run = copy.deepcopy({k: data[k] for k in RUN_SECTIONS if k in data})
     search = parse_search(data.get("search"), source, run_preset_dict(run, source))
+    for p in search:
+        if sweep.seeds and p.path in SEED_PATHS:
+            raise fail(source, f"search.{p.path}", "sweep.seeds sets the seed of every run; "
+                       "drop this search parameter or sweep.seeds")
     if sweep.sampler == "grid":
         for p in search:
             try:

@@ -82,6 +82,8 @@ class TrialContext:
     """The spec's ``profile`` section: ``enabled``, ``scope``, ``lengths_s``, ``batch_size``, ``repeats``."""
     objectives: tuple[str, ...] = ("dev_wer",)
     max_failures: int = 0
+    seeds: tuple[int, ...] = ()
+    """``sweep.seeds``: the trial config's replicate index picks the run's seed from them."""
 
     def profile_settings(self) -> ProfileSettings | None:
         if not self.profile.get("enabled", True):
@@ -298,11 +300,14 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: one trial, end to end."""
     from ray import tune
 
+    from orchestrator.replicates import REPLICATE_SEED, replicate_seed, seed_params
     from orchestrator.spec import build_run_config
     from orchestrator.storage import open_storage
     from orchestrator.tracking import Tracker
 
     started = time.time()
+    config = dict(config)
+    seed = replicate_seed(ctx.seeds, config)  # pops the replicate index: it is no config path
     params = dict(config["__grid__"]) if "__grid__" in config else flatten(config)
     tune_id = tune.get_context().get_trial_id()
     trial_key = f"{ctx.sweep_id}/{tune_id}"
@@ -323,11 +328,15 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
 
     claim = None
     try:
-        config_obj = dataclasses.replace(build_run_config(ctx.spec_run, params, source=f"trial {trial_key}"),
-                                         output_dir=str(storage.local(run_rel)))
+        config_obj = dataclasses.replace(
+            build_run_config(ctx.spec_run, {**params, **seed_params(seed)}, source=f"trial {trial_key}"),
+            output_dir=str(storage.local(run_rel)))
         run_plain = config_obj.to_dict()
         run_plain.pop("output_dir", None)  # each stage sets its own folder on the worker's node
         _log_trial_params(tracker, run_id, params, config_obj, trial_key)
+        if seed is not None:  # the seed is part of the pre-training key: replicates never share one
+            tracker.log_params(run_id, {REPLICATE_SEED: seed})
+            tracker.set_tags(run_id, {REPLICATE_SEED: str(seed)})
         param_count = float(_param_count(config_obj))
         tracker.log_metrics(run_id, {"params": param_count})  # known now: a trial ASHA stops keeps it too
 

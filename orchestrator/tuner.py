@@ -144,6 +144,10 @@ def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
     else:
         trials = sample_preview(spec, min(n, 8))
         label = f"{n} trials ({spec.sweep.sampler}); the first {len(trials)} samples"
+    seeds = spec.sweep.seeds
+    replicas = max(1, len(seeds))
+    if seeds:
+        label += f"; each run once per seed {list(seeds)}: {n * replicas} trials in all"
     print(f"# sweep {spec.sweep.name}: {label}", file=out)
     print(f"# objective: {', '.join(f'{o.metric} ({o.mode})' for o in spec.objectives)}; "
           f"scheduler {spec.sweep.scheduler.type}; concurrency {spec.sweep.max_concurrent or 'as the cluster allows'}", file=out)
@@ -157,15 +161,50 @@ def dry_run(spec: Spec, out=sys.stdout) -> dict[str, Any]:
     budget = f"{steps} steps" if base.finetune.steps is not None else (
         f"{steps} pre-training steps (+ {base.finetune.epochs} fine-tuning epochs, not counted)")
     workers = spec.resources.workers
-    hours = n * steps * step_s * workers / 3600.0
-    print(f"# estimate: {step_s:.3f} s per step measured here x {budget} x {n} trials x "
+    hours = n * replicas * steps * step_s * workers / 3600.0
+    print(f"# estimate: {step_s:.3f} s per step measured here x {budget} x {n * replicas} trials x "
           f"{workers} worker(s) = {hours:.2f} worker-hours (training only, this machine)", file=out)
-    return {"trials": trials, "num_trials": n, "step_seconds": step_s, "worker_hours": hours}
+    return {"trials": trials, "num_trials": n * replicas, "configurations": n, "seeds": list(seeds),
+            "step_seconds": step_s, "worker_hours": hours}
 
 
 # --------------------------------------------------------------------------------------------
 # the sweep
 # --------------------------------------------------------------------------------------------
+
+
+def search_setup(spec: Spec) -> tuple[Any, dict[str, Any] | None, int]:
+    """``(search_alg, param_space, num_samples)`` of the sweep's ``TuneConfig`` / ``Tuner``.
+
+    Optuna proposes the configurations (``None`` and a ``grid_search`` param space for the grid
+    sampler). With ``sweep.seeds`` each configuration runs once per seed: the searcher is wrapped
+    in a :class:`orchestrator.replicate_search.ReplicateSearcher` (Ray's ``Repeater``) and
+    ``num_samples`` counts every replicate; a grid gets a second axis over the replicate index.
+    Either way the trial config holds ``__trial_index__`` (:mod:`orchestrator.replicates`).
+    ASHA treats replicates as any trials: it may stop one seed of a configuration early, and the
+    mean the searcher sees then includes that seed's last rung; the report averages finished
+    replicates only (``sweep.scheduler.type: fifo`` runs every replicate to its budget).
+    TuneConfig.max_concurrent_trials wraps the searcher in a ConcurrencyLimiter (a second one warns).
+    """
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.replicates import TRIAL_INDEX
+
+    n = count_trials(spec)
+    seeds = spec.sweep.seeds
+    if spec.sweep.sampler == "grid":
+        space = {GRID_KEY: tune.grid_search(grid(spec)[:n])}
+        return None, {**space, TRIAL_INDEX: tune.grid_search(list(range(len(seeds))))} if seeds else space, 1
+    metrics, modes = _objectives(spec)
+    single = len(metrics) == 1
+    searcher = OptunaSearch(space=define_by_run(spec), metric=metrics[0] if single else metrics,
+                            mode=modes[0] if single else modes, sampler=make_sampler(spec))
+    if not seeds:
+        return searcher, None, n
+    from orchestrator.replicate_search import replicate_searcher
+
+    return replicate_searcher(searcher, len(seeds)), None, n * len(seeds)
 
 
 def _init_ray(address: str | None) -> None:
@@ -195,7 +234,6 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.report import mark_stopped_trials, write_report
     from orchestrator.tracking import Tracker, TrackingError, default_tracking_uri, redact_uri
@@ -248,7 +286,8 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         tracker.log_artifact(parent, str(sweep_dir / "resolved_config.yaml"), "spec")
         tracker.log_params(parent, {"num_trials": spec.sweep.num_trials, "sampler": spec.sweep.sampler,
                                     "scheduler": spec.sweep.scheduler.type, "max_concurrent": spec.sweep.max_concurrent,
-                                    "objective": spec.sweep.objective.metric, "spec_file": spec.source})
+                                    "objective": spec.sweep.objective.metric, "spec_file": spec.source,
+                                    **({"seeds": list(spec.sweep.seeds)} if spec.sweep.seeds else {})})
     print(f"sweep {sweep_id}: storage {storage.describe(sweep_rel)}, MLflow {redact_uri(uri)} "
           f"(experiment {spec.tracking.experiment!r}, parent run {parent})", flush=True)
 
@@ -261,7 +300,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
         gpus_per_worker=spec.resources.gpus_per_worker,
         profile={"enabled": spec.profile.enabled, "scope": spec.profile.scope, "lengths_s": list(spec.profile.lengths_s),
                  "batch_size": spec.profile.batch_size, "repeats": spec.profile.repeats},
-        objectives=tuple(metrics), max_failures=spec.sweep.max_failures,
+        objectives=tuple(metrics), max_failures=spec.sweep.max_failures, seeds=spec.sweep.seeds,
     )
     # The driver itself only waits on its TorchTrainer: no CPU (the Train workers hold them).
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), driver_resources(spec.resources.driver))
@@ -277,20 +316,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: str | None = No
             time_attr="training_iteration", metric=metrics[0], mode=modes[0], max_t=10_000,
             grace_period=spec.sweep.scheduler.grace_period, reduction_factor=spec.sweep.scheduler.reduction_factor,
         )
-    n = count_trials(spec)
-    if spec.sweep.sampler == "grid":
-        search_alg = None
-        param_space = {GRID_KEY: tune.grid_search(grid(spec)[:n])}
-        num_samples = 1
-    else:
-        searcher = OptunaSearch(
-            space=define_by_run(spec), metric=metrics[0] if single else metrics,
-            mode=modes[0] if single else modes, sampler=make_sampler(spec),
-        )
-        # TuneConfig.max_concurrent_trials wraps it in a ConcurrencyLimiter (a second one warns).
-        search_alg = searcher
-        param_space = None
-        num_samples = n
+    search_alg, param_space, num_samples = search_setup(spec)
     tune_config = tune.TuneConfig(
         search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
         max_concurrent_trials=concurrent,
