@@ -27,10 +27,10 @@ re-runs itself with ``--single``, so allocator state, caches and the memory high
 one measurement never leak into the next.
 
 Within that process, in order: build the module and its input; warm up; measure peak memory of
-one call (see ``benchmarks/common.py``: on CUDA ``max_memory_allocated``; on CPU the allocator's
-live-bytes peak from profiler allocation events, cross-checked by the resident-set high-water
-growth after a kernel reset of the mark); then time ``--repeats`` calls interleaved with a fixed
-calibration matrix product. ``time_s`` is the median time by the ``clock`` of
+one call (``orchestrator.profile.measure_peak_memory``, the sweep profile's too: on CUDA
+``max_memory_allocated``; on CPU the allocator's live-bytes peak from profiler allocation events,
+cross-checked by the resident-set high-water growth after a kernel reset of the mark); then
+time ``--repeats`` calls interleaved with a fixed calibration matrix product. ``time_s`` is the median time by the ``clock`` of
 ``benchmarks/common.py`` (process CPU time on CPU, which other processes' load does not inflate;
 synchronised wall time on CUDA), ``wall_time_s`` the median wall time; ``time_rel`` is the median
 per-round ratio to the calibration product, the number to compare across processes on a shared
