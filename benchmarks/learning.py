@@ -5,6 +5,7 @@ Usage:
     python benchmarks/learning.py                          # the tiny preset, prints JSON
     python benchmarks/learning.py --out runs/bench-learning --threads 2
     python benchmarks/learning.py --set pretrain.steps=200 --set finetune.steps=300 --skip-random
+    python benchmarks/learning.py --quick --out /tmp/bench-learning-quick   # seconds: checks the benchmark itself
 
 The corpus (``data.root`` of the preset, ``data/synth`` by default) is generated first if it is
 missing; its generation is timed separately and is not part of ``wall_seconds``, which covers
@@ -99,6 +100,13 @@ class _Timer:
         self.load = (self.load + os.getloadavg()[0]) / 2
 
 
+def quick_sets(out: Path) -> list[str]:
+    """``--quick``: a 64-utterance corpus of its own under ``out`` and a few steps per stage."""
+    sizes = "{train-clean-100: 40, dev-clean: 8, test-clean: 8, test-other: 8}"
+    return [f"data.root={out / 'corpus'}", f"data.synth_sizes={sizes}", "pretrain.steps=4",
+            "pretrain.checkpoint_every=2", "finetune.steps=4", "finetune.eval_every=2", "finetune.checkpoint_every=2"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "orchestrator/configs/tiny.yaml"))
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench-learning", help="fresh folder for the runs")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--skip-random", action="store_true", help="skip the random-init baseline")
+    parser.add_argument("--quick", action="store_true",
+                        help="a 64-utterance corpus under --out and 4 steps per stage (checks the benchmark itself)")
     parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto",
         help="training precision; auto = bf16 autocast where the CPU has native bf16 (AMX or AVX512-BF16), else fp32",
@@ -120,8 +130,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
 
     precision = args.precision if args.precision != "auto" else ("bf16" if _cpu_has_bf16() else "fp32")
-    args.overrides = [f"pretrain.precision={precision}", f"finetune.precision={precision}", *args.overrides]
     out = Path(args.out)
+    quick = quick_sets(out.resolve()) if args.quick else []
+    args.overrides = [f"pretrain.precision={precision}", f"finetune.precision={precision}", *quick, *args.overrides]
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} exists and is not empty; pass a fresh --out", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ def commands(tmp: Path) -> dict[str, list[str]]:
         "encoder_profile": ["mixer_profile.py", "--quick", "--encoder", "--out-dir", str(tmp / "encoder")],
         "pom_roofline": ["pom_roofline.py", "--quick", "--out", str(tmp / "roofline.json")],
         "vs_torchaudio": ["vs_torchaudio.py", "--quick", "--out", str(tmp / "vs_torchaudio.json")],
+        "learning": ["learning.py", "--quick", "--threads", "1", "--out", str(tmp / "learning")],
     }
 
 
@@ -107,6 +108,14 @@ def test_vs_torchaudio_quick(runs) -> None:
     for pass_ in ("fwdbwd", "fwd"):
         assert {"ours_s", "torchaudio_s", "ratio"} <= set(payload["results"][pass_])
     assert set(payload["target"]) == {"ratio_max", "ratio", "met", "slower_by"}
+
+
+def test_learning_quick(runs) -> None:
+    payload, tmp = runs["learning"]
+    assert payload["pretrain_steps"] == 4 and payload["finetune_steps"] == 4
+    assert (tmp / "learning" / "corpus" / "corpus.json").is_file()  # its own small corpus, not data/synth
+    for key in ("dev_wer", "dev_wer_lexicon", "random_init_dev_wer", "wall_seconds", "parameters"):
+        assert payload[key] >= 0, key
 
 
 def test_cpu_alloc_peak_sees_a_known_allocation() -> None:
