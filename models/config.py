@@ -61,11 +61,11 @@ def _mixer_registry() -> Mapping[str, type]:
 
 
 def mixer_class(name: str) -> type:
-    """The mixer class registered under ``name``; ``ValueError`` listing the valid names."""
-    registry = _mixer_registry()
-    if name not in registry:
-        raise ValueError(f"unknown mixer {name!r}; valid mixers: {', '.join(sorted(registry))}")
-    return registry[name]
+    """The mixer class registered under ``name``; ``ValueError`` listing the valid names
+    (:func:`models.mixers.get_mixer_class`, imported lazily for the same reason as the registry)."""
+    from models.mixers import get_mixer_class
+
+    return get_mixer_class(name)
 
 
 def mixer_parameters(name: str) -> dict[str, inspect.Parameter]:
