@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from orchestrator import replicates
+from orchestrator.fileio import atomic_output, atomic_write_bytes
 from orchestrator.stats import compare, read_records
-from orchestrator.train.checkpoint import atomic_write_bytes
 
 PLOT_AXES = (("params", "parameters"), ("encoder_peak_mem_mb", "encoder peak memory (MB)"), ("encoder_time_s", "encoder forward time (s)"))
 STOPPED_TAG = "stopped_early"
@@ -368,10 +368,9 @@ def plot(rows: list[dict[str, Any]], metric: str, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{metric}_vs_{key}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        tmp.replace(path)
         paths.append(path)
     return paths
 
