@@ -144,11 +144,13 @@ def _run_sweep_with_a_node_kill(small_corpus, tmp_path, monkeypatch, *, name: st
     log_path = tmp_path / "sweep.log"
     cluster = proc = None
     try:
-        # The head's API server (Ray Train's placement-group cleaner asks it whether the Train
-        # controller is alive) on a free port of its own, never another cluster's 8265. No CPU on
-        # the head: the Train worker can only run on a worker node.
+        # The head's dashboard (its state API): Ray Train's placement-group cleaner asks it whether
+        # the Train controller is alive and removes a dead controller's worker group; without it
+        # that group is rescheduled onto the replacement node and holds its CPU, so the retried
+        # trial's worker group never starts. On a free port of its own, never another cluster's
+        # 8265. No CPU on the head: the Train worker can only run on a worker node.
         cluster = Cluster(initialize_head=True, connect=False,
-                          head_node_args={"num_cpus": 0, "resources": head_resources or {}, "include_dashboard": False,
+                          head_node_args={"num_cpus": 0, "resources": head_resources or {}, "include_dashboard": True,
                                           "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
         victim = cluster.add_node(**node)
         with open(log_path, "w") as log:
@@ -202,7 +204,7 @@ def _check_one_trial_resumed(tmp_path, output: str, resumed_from: int, killed_ms
     assert "failure_reason" not in trial.data.tags, trial.data.tags["failure_reason"]
     assert trial.data.tags["pretrain_reused"] == "false"
     # The restarted Train worker found that checkpoint (the loop's own log line, via Ray's log).
-    assert re.search(rf"resumed pre-training from \S+/step-{resumed_from:08d} at step {resumed_from}\b", output), \
+    assert re.search(rf"resumed pretrain from \S+/step-{resumed_from:08d} at step {resumed_from}\b", output), \
         output[-4000:]
     assert 0.0 <= trial.data.metrics["dev_wer"] <= 2.0
 
