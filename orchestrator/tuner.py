@@ -219,6 +219,14 @@ def _init_ray(address: str | None) -> None:
     else:
         kwargs["include_dashboard"] = True
         kwargs["dashboard_host"] = "127.0.0.1"
+        # Ray's default for a new local cluster is token auth, and it says so in a WARNING at
+        # every start; nothing is wrong, so that one logger speaks only of errors. (Setting
+        # RAY_AUTH_MODE=token instead made the new GCS refuse its own driver here.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # A trial is several Python processes (trial driver and Train controller take no CPU,
+        # then the Train workers); the raylet's start-up limit defaults to the CPU count and
+        # it warns when more start at once, which every sweep of 2 concurrent trials does.
+        kwargs["_system_config"] = {"worker_maximum_startup_concurrency": max(8, 4 * (os.cpu_count() or 1))}
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:

@@ -66,17 +66,18 @@ def _cpu_run() -> dict[str, Any]:
 
 def _demo_run() -> dict[str, Any]:
     """The embedded sweep setting (the shipped search spaces default to it): the ``cpu`` recipe
-    with budgets that fit four trials, two at a time, into about ten minutes on 2 cores.
+    with budgets that fit four trials, two at a time, into the 15 minutes of a 2-core machine.
 
-    300 BEST-RQ + 800 CTC steps: the shortest budget measured here that leaves the blank plateau
-    for every hybrid plan (greedy dev CER after 800 CTC steps about 0.35 to 0.45 with one thread
-    per trial, where 60 + 100 steps ended every trial at CER 1.0, blanks only). Dev is scored
+    200 BEST-RQ steps of 45 s batches + 600 CTC steps of 30 s batches. Measured on the hybrid
+    grid with ``benchmarks/sweep_demo.py`` (README, "Sweeps"; greedy dev CER): 14.4 min wall,
+    every cell 0.38 to 0.45; 300 steps of 60 s + 800 CTC steps reached 0.32 to 0.35 but took
+    18.6 min; 60 + 100 steps left every trial on the blank plateau (CER 1.0). Dev is scored
     greedily every 200 steps (the objective and the best-dev checkpoint); test with the lexicon
     beam and the 3-gram LM of the training transcripts, as in ``cpu``.
     """
     run = _cpu_run()
-    run["pretrain"].update({"steps": 300, "checkpoint_every": 100, "log_every": 20})
-    run["finetune"].update({"steps": 800, "eval_every": 200, "checkpoint_every": 200, "log_every": 20})
+    run["pretrain"].update({"steps": 200, "max_batch_seconds": 45.0, "checkpoint_every": 100, "log_every": 20})
+    run["finetune"].update({"steps": 600, "eval_every": 200, "checkpoint_every": 200, "log_every": 20})
     run["output_dir"] = "runs/demo"
     return run
 
