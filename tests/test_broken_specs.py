@@ -261,7 +261,7 @@ def test_trials_start_from_the_resolved_run(tmp_path):
 
     spec = load_spec(write(tmp_path, spec_dict(tmp_path, model={"plan": "pom", "attention_layers": 1})))
     run = absolute_run(spec)
-    assert "preset" not in run and run["model"]["preset"] == "tiny" and run["pretrain"]["steps"] == 60
+    assert "preset" not in run and run["model"]["preset"] == "tiny" and run["pretrain"]["steps"] == 200
     assert build_run_config(run, {}) == build_run_config(spec.run, {}, source=spec.source) == spec.base
     assert build_run_config(run, {"finetune.head_lr": 0.003}).finetune.head_lr == 0.003
 

@@ -35,7 +35,7 @@ MICRO = [
     "pretrain.checkpoint_every=2",
     "finetune.steps=4", "finetune.warmup_steps=2", "finetune.max_batch_seconds=12.0", "finetune.log_every=1",
     "finetune.checkpoint_every=2", "finetune.eval_every=2",
-    "eval.decoder=greedy", "eval.lexicon_from_train=false", "eval.bootstrap_samples=20", "eval.max_batch_seconds=30.0",
+    "eval.decoder=greedy", "eval.lexicon_from_train=false", "eval.lm_from_train=false", "eval.bootstrap_samples=20", "eval.max_batch_seconds=30.0",
     "profile.lengths_s=[2.0]", "profile.batch_size=1", "profile.repeats=1",
 ]
 MAX_PACKAGE_MIB = 5.0
